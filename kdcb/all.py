@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/04_all.ipynb #2569d638
+# %% ../nbs/04_all.ipynb #b563bfec
 from .core import *
 from .losses import *
 from .callback import *

@@ -1,0 +1,36 @@
+"Shared fixtures: tiny deterministic data and models for the callback tests"
+import pytest, torch
+from torch import nn
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest and does not fight other processes
+
+
+def toy_dls(n=256, d=8, c=3, bs=32, seed=0):
+    "Random classification data: deterministic and tiny"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, :c] * torch.arange(1, c + 1)).argmax(1)
+    ds = list(zip(x, y))
+    return DataLoaders(DataLoader(ds[:n * 3 // 4], bs=bs, shuffle=True, drop_last=True), DataLoader(ds[n * 3 // 4:], bs=bs))
+
+
+def mlp(d=8, h=16, c=3): return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, c))
+
+
+def digits_dls(bs=64, seed=0):
+    "scikit-learn's bundled 8x8 digits as (B, 64) float features, a fixed 80/20 split"
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.
+    y = torch.tensor(d.target)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[idx], y[idx]
+    n = int(len(x) * .8)
+    ds = list(zip(x, y))
+    return DataLoaders(DataLoader(ds[:n], bs=bs, shuffle=True, drop_last=True), DataLoader(ds[n:], bs=256))
+
+
+@pytest.fixture
+def dls(): return toy_dls()

@@ -1,0 +1,271 @@
+"Regression and adversarial tests of KnowledgeDistillationCallback (the notebook documents the basics)"
+import pickle, warnings
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
+import fastai.callback.schedule  # Learner.fit_one_cycle
+from fastai.data.core import Datasets
+from fastai.data.transforms import ItemGetter
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner, load_learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from kdcb.all import *
+from conftest import toy_dls, mlp, digits_dls
+
+
+def quiet_fit(learn, n=1, lr=1e-2, cbs=None, one_cycle=False):
+    with learn.no_bar(), learn.no_logging():
+        (learn.fit_one_cycle if one_cycle else learn.fit)(n, lr, cbs=cbs)
+
+
+def n_hooks(*models): return sum(len(m._forward_hooks) for model in models for m in model.modules())
+
+
+class Probe(Callback):
+    "Runs after the distillation callback and records what the teacher and the stored activations look like"
+    order = 6
+    def __init__(self, kd, teacher): self.kd, self.teacher, self.rows = kd, teacher, []
+    def after_loss(self):
+        if self.training: self.rows.append(dict(teacher_training=self.teacher.training, hooks=n_hooks(self.learn.model, self.teacher),
+                                                 loss_grad=self.learn.loss_grad.detach()))
+    def after_batch(self):
+        if self.training: self.rows[-1].update(freed=not self.kd._fs and not self.kd._ft and self.kd.teacher_pred is None)
+
+
+def test_one_teacher_forward_per_batch_with_two_losses(dls):
+    teacher = mlp(h=32)
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, i: calls.append(1))
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'])
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 2, cbs=kd)
+    assert len(calls) == 2 * len(dls.train)  # training batches only: validation does not run the teacher
+
+
+def test_teacher_frozen_in_eval_and_restored(dls):
+    teacher = mlp(h=32)
+    teacher.train()
+    teacher[0].weight.requires_grad_(False)  # a flag the user set must come back as it was
+    before = [p.detach().clone() for p in teacher.parameters()]
+    kd = KnowledgeDistillationCallback(teacher, 'soft_target', weight=0.5)
+    probe = Probe(kd, teacher)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=[kd, probe])
+    assert probe.rows and not any(r['teacher_training'] for r in probe.rows)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == [False, True, True, True]
+
+
+def test_activations_freed_after_each_batch(dls):
+    teacher = mlp(h=32)
+    kd = KnowledgeDistillationCallback(teacher, 'attention', ['0', '2'], ['0', '2'])
+    probe = Probe(kd, teacher)
+    quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=[kd, probe])
+    assert probe.rows and all(r['freed'] for r in probe.rows)
+    assert all(r['hooks'] == 4 for r in probe.rows)
+
+
+class Boom(Exception): pass
+
+
+def test_hooks_cleaned_after_an_exception_and_a_second_fit(dls):
+    teacher, student = mlp(h=32), mlp()
+    n = [0]
+    def flaky(fm_s, fm_t):
+        n[0] += 1
+        if n[0] == 3: raise Boom('third batch')
+        return sum((s - t[:, :s.shape[1]]).pow(2).mean() for s, t in zip(fm_s.values(), fm_t.values()))
+    kd = KnowledgeDistillationCallback(teacher, flaky, ['0', '2'], ['0', '2'])
+    probe = Probe(kd, teacher)
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=[kd, probe])
+    with pytest.raises(Boom): quiet_fit(learn, 1)
+    assert n_hooks(student, teacher) == 4  # an exception skipped after_fit: the hooks are still there...
+    probe.rows.clear()
+    quiet_fit(learn, 1)                    # ...and the next fit cleans up before hooking again
+    assert probe.rows and all(r['hooks'] == 4 for r in probe.rows)
+    assert n_hooks(student, teacher) == 0
+    assert teacher.training  # mode restored to what it was (train)
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_fit_twice_and_remove_callback(dls):
+    teacher = mlp(h=32)
+    kd = KnowledgeDistillationCallback(teacher)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
+    quiet_fit(learn, 1); quiet_fit(learn, 1)
+    assert sum(isinstance(c, type(kd._columns)) for c in learn.cbs) == 1
+    learn.remove_cb(kd)
+    assert kd not in learn.cbs and kd._columns not in learn.cbs
+
+
+def test_loss_columns_are_epoch_averages(dls):
+    "The progress table's task/distillation columns are the per-sample averages of what was mixed"
+    torch.manual_seed(0)
+    teacher = mlp(h=32)
+    seen = []
+    def l1(pred, teacher_pred):
+        v = (pred - teacher_pred).abs().mean(); seen.append((v.item(), pred.shape[0])); return v
+    kd = KnowledgeDistillationCallback(teacher, [l1, 'soft_target'], weight=[.2, .3])
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    quiet_fit(learn, 2, cbs=kd)
+    names = list(learn.recorder.metric_names)
+    assert names == ['epoch', 'train_loss', 'task_loss', 'l1', 'soft_target', 'valid_loss', 'accuracy', 'time']
+    last = learn.recorder.values[-1]
+    per_epoch = len(dls.train)
+    ep2 = seen[per_epoch:]
+    expected = sum(v * b for v, b in ep2) / sum(b for _, b in ep2)
+    assert last[names.index('l1') - 1] == pytest.approx(expected, rel=1e-5)
+    assert len(last) == len(names) - 2  # recorder values exclude 'epoch' and 'time'
+
+
+def test_valid_loss_is_plain_task_loss_unless_asked(dls):
+    torch.manual_seed(0)
+    teacher, student = mlp(h=32), mlp()
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(teacher, weight=0.5))
+    plain = learn.validate()[0]
+    kd = KnowledgeDistillationCallback(teacher, weight=0.5)
+    with_kd = learn.validate(cbs=kd)[0]
+    assert with_kd == pytest.approx(plain)
+    mixed = learn.validate(cbs=KnowledgeDistillationCallback(teacher, weight=0.5, distill_valid=True))[0]
+    x, y = map(torch.cat, zip(*list(dls.valid)))
+    with torch.no_grad():
+        p, t = student(x), teacher(x)
+    # validate averages per batch weighted by size; recompute batchwise the same way
+    exp = sum(len(xb) * (0.5 * F.cross_entropy(student(xb), yb) + 0.5 * SoftTarget()(student(xb), teacher(xb))).item()
+              for xb, yb in dls.valid) / len(x)
+    assert mixed == pytest.approx(exp, rel=1e-5) and mixed != pytest.approx(plain)
+
+
+def test_gradient_accumulation_divides_the_mixed_loss_once(dls):
+    "With GradientAccumulation the gradients equal those of the mixed loss over the accumulated batches"
+    torch.manual_seed(0)
+    teacher = mlp(h=32)
+    def grads(cbs):
+        torch.manual_seed(1)
+        student = mlp()
+        d = DataLoaders(DataLoader(list(dls.train.dataset)[:64], bs=32), DataLoader(list(dls.valid.dataset), bs=32))
+        learn = Learner(d, student, loss_func=CrossEntropyLossFlat(), lr=0., wd=0., moms=(0, 0, 0), opt_func=lambda p, lr: __import__('fastai.optimizer', fromlist=['SGD']).SGD(p, lr))
+        g = {}
+        class Grab(Callback):
+            order = 100
+            def before_step(self): g['w'] = [p.grad.clone() for p in student.parameters()]
+        quiet_fit(learn, 1, lr=0., cbs=cbs + [Grab()])
+        return g['w'], student
+    acc, student = grads([KnowledgeDistillationCallback(teacher, weight=.5), GradientAccumulation(64)])
+    torch.manual_seed(1)
+    ref_student = mlp()
+    xs, ys = map(torch.stack, zip(*list(dls.train.dataset)[:64]))
+    loss = 0.5 * F.cross_entropy(ref_student(xs), ys) + 0.5 * SoftTarget()(ref_student(xs), teacher(xs).detach())
+    ref = torch.autograd.grad(loss, list(ref_student.parameters()))
+    for a, r in zip(acc, ref): torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self, h):
+        super().__init__(); self.a, self.b, self.head = nn.Linear(4, h), nn.Linear(4, h), nn.Linear(h, 3)
+    def forward(self, x1, x2): return self.head(torch.relu(self.a(x1) + self.b(x2)))
+
+
+def test_multi_input_models():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(128, 4, generator=g), torch.randn(128, 4, generator=g)
+    y = (x1[:, 0] + x2[:, 1] > 0).long() + (x1[:, 2] > 1).long()
+    ds = list(zip(x1, x2, y))
+    dls = DataLoaders(DataLoader(ds[:96], bs=16, shuffle=True), DataLoader(ds[96:], bs=16))
+    teacher, seen = TwoInputs(32), []
+    teacher.register_forward_pre_hook(lambda m, i: seen.append(len(i)))
+    learn = Learner(dls, TwoInputs(8), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['a'], ['a']))
+    assert seen and set(seen) == {2}
+
+
+def test_export_leaves_the_teacher_out(tmp_path):
+    items = list(toy_dls().train.dataset)
+    dls = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(150)), list(range(150, 192))]).dataloaders(bs=32)
+    big = nn.Sequential(nn.Linear(8, 2048), nn.ReLU(), nn.Linear(2048, 3))  # a teacher of about 90 kB
+    kd = KnowledgeDistillationCallback(big, 'soft_target')
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), path=tmp_path, cbs=kd)
+    quiet_fit(learn, 1)
+    learn.export('with_kd.pkl')
+    learn.remove_cb(kd)
+    learn.export('plain.pkl')
+    size_kd, size_plain = (tmp_path / 'with_kd.pkl').stat().st_size, (tmp_path / 'plain.pkl').stat().st_size
+    teacher_bytes = sum(p.numel() * 4 for p in big.parameters())
+    assert size_kd < size_plain + teacher_bytes / 10, (size_kd, size_plain, teacher_bytes)
+    loaded = load_learner(tmp_path / 'with_kd.pkl')
+    cb = next(c for c in loaded.cbs if isinstance(c, KnowledgeDistillationCallback))
+    assert cb.teacher is None
+    with pytest.raises(ValueError, match='has no teacher'):
+        loaded.dls = dls; quiet_fit(loaded, 1)
+
+
+def test_errors_name_the_problem(dls):
+    t = mlp(h=32)
+    with pytest.raises(ValueError, match="Did you mean 'soft_target'"): KnowledgeDistillationCallback(t, 'softtarget')
+    with pytest.raises(ValueError, match='2 student layers'): KnowledgeDistillationCallback(t, 'attention', ['0', '2'], ['0'])
+    with pytest.raises(ValueError, match='or neither'): KnowledgeDistillationCallback(t, 'attention', ['0'])
+    with pytest.raises(ValueError, match='more than once'): KnowledgeDistillationCallback(t, 'attention', ['0', '0'], ['0', '2'])
+    with pytest.raises(ValueError, match='not both'):
+        KnowledgeDistillationCallback(t, 'attention', ['0'], ['0'], activations_student=['0'], activations_teacher=['0'])
+    with pytest.raises(AttributeError, match="teacher has no layer '0.weight'"): KnowledgeDistillationCallback(t, 'attention', ['0'], ['0.weight'])
+    with pytest.raises(TypeError, match='nn.Module or a Learner'): KnowledgeDistillationCallback('resnet34')
+    with pytest.warns(UserWarning, match='hooked for nothing'): KnowledgeDistillationCallback(t, 'soft_target', ['0'], ['0'])
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match='sum to more than 1'):
+        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, ['soft_target', SoftTarget(T=1)], weight=[.7, .6]))
+    with pytest.raises(ValueError, match='needs a scalar'):
+        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, lambda pred, teacher_pred: (pred - teacher_pred).pow(2)))
+    assert n_hooks(learn.model, t) == 0
+
+
+def test_fasterai_style_calls(dls):
+    "Code written for fasterai's callback runs unchanged: the loss class, positional layers, activations_* keywords"
+    t = mlp(h=32)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, SoftTarget, weight=0.5))
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, Attention, ['0'], ['0'], weight=0.9))
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, Attention, activations_student=['0'], activations_teacher=['0']))
+    assert n_hooks(learn.model, t) == 0
+
+
+def test_trainable_loss_joins_the_optimizer_for_the_fit(dls):
+    "A loss with parameters is trained with the student and leaves the optimizer afterwards"
+    class Proj(nn.Module):
+        def __init__(self): super().__init__(); self.lin = nn.Linear(16, 32)
+        def forward(self, fm_s, fm_t): return sum((self.lin(s) - t).pow(2).mean() for s, t in zip(fm_s.values(), fm_t.values()))
+    proj, t = Proj(), mlp(h=32)
+    w0 = proj.lin.weight.detach().clone()
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    learn.create_opt()
+    n0 = len(learn.opt.param_lists[-1])
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, proj, ['0'], ['0']), one_cycle=True)
+    assert not torch.equal(w0, proj.lin.weight)
+    assert len(learn.opt.param_lists[-1]) == n0
+
+
+def test_distillation_moves_the_student_towards_the_teacher():
+    "On real data (scikit-learn digits) SoftTarget ends closer to the teacher than the same student from scratch"
+    dls = digits_dls()
+    torch.manual_seed(0)
+    tl = Learner(dls, mlp(64, 256, 10), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    quiet_fit(tl, 10, 3e-3, one_cycle=True)
+    assert tl.validate()[1] > 0.9
+    xv = torch.cat([x for x, _ in dls.valid])
+    with torch.no_grad(): lt = F.log_softmax(tl.model.eval()(xv), 1)
+
+    def kl_to_teacher(distil):
+        torch.manual_seed(0)
+        learn = Learner(dls, mlp(64, 16, 10), loss_func=CrossEntropyLossFlat())
+        torch.manual_seed(0)
+        quiet_fit(learn, 15, 1e-2, one_cycle=True, cbs=KnowledgeDistillationCallback(tl, 'soft_target', weight=0.9) if distil else None)
+        with torch.no_grad(): ls = F.log_softmax(learn.model.eval()(xv), 1)
+        return F.kl_div(ls, lt, log_target=True, reduction='batchmean').item()
+
+    scratch, distilled = kl_to_teacher(False), kl_to_teacher(True)
+    assert distilled < scratch, (distilled, scratch)
