@@ -1,0 +1,95 @@
+"Mixed precision, several teachers, teachers in another dtype or on another device"
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+import fastai.callback.progress  # Learner.no_bar
+from fastai.losses import CrossEntropyLossFlat
+from kdcb.all import *
+from conftest import mlp
+
+
+def quiet_fit(learn, n=1, cbs=None):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n, 1e-2, cbs=cbs)
+
+
+class CPUAutocast(Callback):
+    "bf16 autocast on the CPU from before_batch to after_loss, as fastai's MixedPrecision does on CUDA"
+    order = 10
+    def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+    def after_loss(self): self.ac.__exit__(None, None, None)
+
+
+class Record(Callback):
+    order = 6
+    def before_fit(self): self.rows = []
+    def after_loss(self):
+        if self.training: self.rows.append((self.learn.loss_grad.detach(), self.kd.teacher_pred.dtype, self.xb[0], self.kd.teacher_pred))
+    def __init__(self, kd): self.kd = kd
+
+
+def test_extreme_logits_in_bfloat16_stay_finite():
+    s = (torch.randn(16, 10) * 1e4).bfloat16().requires_grad_()
+    t = (torch.randn(16, 10) * 1e4).bfloat16()
+    for T in (1., 4., 20.):
+        loss = SoftTarget(T=T)(s, t)
+        ref = F.kl_div(F.log_softmax(s.double() / T, 1), F.log_softmax(t.double() / T, 1), log_target=True, reduction='batchmean') * T * T
+        assert torch.isfinite(loss) and loss.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-3, atol=1e-2)
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+
+
+def test_fit_under_bf16_autocast_with_huge_logits(dls):
+    "The teacher runs inside the student's autocast and the mixed loss stays finite"
+    class Loud(nn.Module):
+        def __init__(self, h): super().__init__(); self.net = mlp(h=h)
+        def forward(self, x): return self.net(x) * 1e4
+    kd = KnowledgeDistillationCallback(Loud(32), ['soft_target', 'attention'], ['0'], ['net.0'], weight=.5)
+    rec = Record(kd)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=[kd, rec, CPUAutocast()])
+    assert rec.rows and all(torch.isfinite(r[0]) for r in rec.rows)
+    assert rec.rows[0][1] == torch.bfloat16  # the teacher ran under autocast
+
+
+def test_several_teachers_one_forward_each_and_the_mean_of_their_logits(dls):
+    torch.manual_seed(0)
+    t1, t2 = mlp(h=32), mlp(h=24)
+    calls = {1: 0, 2: 0}
+    t1.register_forward_pre_hook(lambda m, i: calls.__setitem__(1, calls[1] + 1))
+    t2.register_forward_pre_hook(lambda m, i: calls.__setitem__(2, calls[2] + 1))
+    seen = []
+    def grab(pred, teacher_pred, fm_t):
+        seen.append((teacher_pred, list(fm_t.values())[0].shape)); return (pred - teacher_pred).pow(2).mean()
+    kd = KnowledgeDistillationCallback([t1, t2], grab, ['0'], ['0'], teacher_weights=[.25, .75], feature_teacher=1)
+    rec = Record(kd)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=[kd, rec])
+    assert calls[1] == calls[2] == len(dls.train)
+    assert seen[0][1][1] == 24  # features from the chosen teacher
+    _, _, x, teacher_pred = rec.rows[0]
+    with torch.no_grad(): torch.testing.assert_close(teacher_pred, .25 * t1(x) + .75 * t2(x))
+    with pytest.raises(ValueError, match='teacher_weights'): KnowledgeDistillationCallback([t1, t2], teacher_weights=[1.])
+    with pytest.raises(ValueError, match='feature_teacher=2'): KnowledgeDistillationCallback([t1, t2], feature_teacher=2)
+
+
+def test_teacher_in_bfloat16(dls):
+    teacher = mlp(h=32)
+    kd = KnowledgeDistillationCallback(teacher, 'soft_target', teacher_dtype=torch.bfloat16)
+    rec = Record(kd)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=[kd, rec])
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert rec.rows and rec.rows[0][1] == torch.bfloat16 and all(torch.isfinite(r[0]) for r in rec.rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_teacher_on_another_device(dls):
+    "The student trains on the CPU while the teacher runs on the GPU; outputs come back to the student's device"
+    teacher = mlp(h=32)
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'], teacher_device='cuda')
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=kd)
+    assert next(teacher.parameters()).device.type == 'cuda'
