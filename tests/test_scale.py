@@ -6,6 +6,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 import fastai.callback.progress  # Learner.no_bar
 from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
 from kdcb.all import *
 from conftest import mlp
 
@@ -93,3 +94,39 @@ def test_teacher_on_another_device(dls):
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=kd)
     assert next(teacher.parameters()).device.type == 'cuda'
+
+
+def _tfmd_dls(after_batch=None, shuffle=True):
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemGetter
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(192, 8, generator=g), torch.randint(0, 3, (192,), generator=g)
+    return Datasets(list(zip(x, y)), [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(160)), list(range(160, 192))]
+                    ).dataloaders(bs=32, shuffle=shuffle, after_batch=after_batch)
+
+
+def test_cached_teacher_trains_exactly_like_the_live_teacher():
+    teacher = mlp(h=32)
+    def train(cache):
+        set_seed(0)  # torch and python's random, which drives fastai's shuffling
+        dls, student = _tfmd_dls(), mlp()
+        learn = Learner(dls, student, loss_func=CrossEntropyLossFlat())
+        quiet_fit(learn, 3, cbs=KnowledgeDistillationCallback(teacher, 'soft_target', cache_teacher=cache))
+        return [p.detach() for p in student.parameters()]
+    for a, b in zip(train(False), train(True)): torch.testing.assert_close(a, b)
+
+
+def test_cache_refuses_random_augmentation():
+    from fasttransform import Transform
+    class Jitter(Transform):
+        split_idx = 0  # training only, like fastai's RandTransform
+        def encodes(self, x: torch.Tensor): return x + torch.randn_like(x) if x.is_floating_point() else x
+    learn = Learner(_tfmd_dls(after_batch=[Jitter()]), mlp(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match=r"random augmentations \(training only\)"):
+        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(mlp(h=32), cache_teacher=True))
+
+    class SneakyJitter(Transform):  # random, but not declared training-only: caught by the input fingerprints
+        def encodes(self, x: torch.Tensor): return x + torch.randn_like(x) if x.is_floating_point() else x
+    learn = Learner(_tfmd_dls(after_batch=[SneakyJitter()]), mlp(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(RuntimeError, match='changed between epochs'):
+        quiet_fit(learn, 2, cbs=KnowledgeDistillationCallback(mlp(h=32), cache_teacher=True))
