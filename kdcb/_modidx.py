@@ -108,6 +108,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdcb.losses.SoftTarget.forward': ('losses.html#softtarget.forward', 'kdcb/losses.py'),
                              'kdcb.losses._angles': ('losses.html#_angles', 'kdcb/losses.py'),
                              'kdcb.losses._check_reduction': ('losses.html#_check_reduction', 'kdcb/losses.py'),
+                             'kdcb.losses._f32': ('losses.html#_f32', 'kdcb/losses.py'),
                              'kdcb.losses._flat': ('losses.html#_flat', 'kdcb/losses.py'),
                              'kdcb.losses._kept_mean': ('losses.html#_kept_mean', 'kdcb/losses.py'),
                              'kdcb.losses._kl_from_logs': ('losses.html#_kl_from_logs', 'kdcb/losses.py'),
