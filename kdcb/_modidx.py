@@ -71,6 +71,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdcb.losses.DecoupledKD.__init__': ('losses.html#decoupledkd.__init__', 'kdcb/losses.py'),
                              'kdcb.losses.DecoupledKD.forward': ('losses.html#decoupledkd.forward', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet': ('losses.html#fitnet', 'kdcb/losses.py'),
+                             'kdcb.losses.FitNet.__init__': ('losses.html#fitnet.__init__', 'kdcb/losses.py'),
+                             'kdcb.losses.FitNet._regress': ('losses.html#fitnet._regress', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet.forward': ('losses.html#fitnet.forward', 'kdcb/losses.py'),
                              'kdcb.losses.HiddenStateCosine': ('losses.html#hiddenstatecosine', 'kdcb/losses.py'),
                              'kdcb.losses.HiddenStateCosine.__init__': ('losses.html#hiddenstatecosine.__init__', 'kdcb/losses.py'),

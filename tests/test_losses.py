@@ -219,6 +219,10 @@ def test_channel_mismatch():
     a, b = torch.randn(4, 3, 4, 4), torch.randn(4, 8, 4, 4)
     for loss in (FitNet(), ActivationBoundaries()):
         with pytest.raises(ValueError, match='add a connector'): loss({'a': a}, {'b': b})
+    fit = FitNet(3, 8)
+    assert torch.isfinite(fit({'a': a}, {'b': b})) and torch.isfinite(fit({'a': torch.randn(4, 3, 7)}, {'b': torch.randn(4, 8, 7)}))
+    with pytest.raises(ValueError, match='maps 3 student channels'): fit({'a': b}, {'b': b})
+    with pytest.raises(ValueError, match='or neither'): FitNet(3)
     for loss in (Attention(), Similarity(), RKD(), PKT()): assert torch.isfinite(loss({'a': a}, {'b': b}))
 
 def test_relational_losses_are_invariant():
@@ -266,22 +270,23 @@ def digits_teacher():
 
 def _layers(name):
     if name in ('fit_net', 'activation_boundaries', 'hidden_state_cosine'): return ['5'], ['5'] # (B, 32) embeddings, pre-ReLU
-    if name in FEATURE: return ['3'], ['3'] # (B, 16, 4, 4) vs (B, 32, 4, 4)
+    if name in FEATURE + ['fit_net_regressor']: return ['3'], ['3'] # (B, 16, 4, 4) vs (B, 32, 4, 4)
     return None, None
 
 # unnormalised MSE losses are ~30x larger than the task loss at the start, and DecoupledKD (β·T² = 128) needs the
 # linear warm-up of its authors: the weights below are the usual practice, not tuned to pass
-WEIGHTS = dict(logits=0.1, fit_net=0.1, decoupled_kd=SchedLin(0., 0.5))
+WEIGHTS = dict(logits=0.1, fit_net=0.1, fit_net_regressor=0.1, decoupled_kd=SchedLin(0., 0.5))
 
-@pytest.mark.parametrize('name', OUTPUT + FEATURE)
+@pytest.mark.parametrize('name', OUTPUT + FEATURE + ['fit_net_regressor'])
 def test_distil_digits(digits_teacher, name):
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
     dls, teacher = digits_teacher
     torch.manual_seed(1)
-    loss = MGDLoss(16, 32) if name == 'mgd_loss' else name
-    before = [p.detach().clone() for p in loss.parameters()] if name == 'mgd_loss' else []
+    loss = {'mgd_loss': MGDLoss(16, 32), 'fit_net_regressor': FitNet(16, 32)}.get(name, name)
+    trained = isinstance(loss, nn.Module)
+    before = [p.detach().clone() for p in loss.parameters()] if trained else []
     sl, tl = _layers(name)
     learn = Learner(dls(), cnn(8), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     kd = KnowledgeDistillationCallback(teacher, loss, sl, tl, weight=WEIGHTS.get(name, 0.5))
@@ -292,7 +297,7 @@ def test_distil_digits(digits_teacher, name):
     assert math.isfinite(task) and math.isfinite(kdl), (name, task, kdl)
     acc = learn.validate()[1]
     assert acc > 0.5, (name, acc) # chance is 0.1
-    if name == 'mgd_loss': # the generator trained with the student, and left the optimizer after the fit
+    if trained: # the generator / regressor trained with the student, and left the optimizer after the fit
         assert any(not torch.equal(b, p) for b, p in zip(before, loss.parameters()))
         ids = {id(p) for p in loss.parameters()}
         assert not any(id(p) in ids for p in learn.opt.all_params(with_grad=False).itemgot(0))
