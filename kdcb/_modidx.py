@@ -118,6 +118,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdcb.losses._labels': ('losses.html#_labels', 'kdcb/losses.py'),
                              'kdcb.losses._log_binary': ('losses.html#_log_binary', 'kdcb/losses.py'),
                              'kdcb.losses._non_target_log_softmax': ('losses.html#_non_target_log_softmax', 'kdcb/losses.py'),
+                             'kdcb.losses._pair_diffs': ('losses.html#_pair_diffs', 'kdcb/losses.py'),
                              'kdcb.losses._pairs': ('losses.html#_pairs', 'kdcb/losses.py'),
                              'kdcb.losses._pdist': ('losses.html#_pdist', 'kdcb/losses.py'),
                              'kdcb.losses._pearson_distance': ('losses.html#_pearson_distance', 'kdcb/losses.py'),

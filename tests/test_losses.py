@@ -314,3 +314,18 @@ def test_distil_without_labels(digits_teacher, name):
     kd = KnowledgeDistillationCallback(teacher, name, weight=1.)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2, cbs=kd)
     assert learn.validate()[1] > 0.5, name
+
+def test_degenerate_features_have_finite_gradients():
+    "Duplicate samples, all-zero (dead ReLU) samples and constant batches must not give NaN losses or gradients"
+    torch.manual_seed(0)
+    s = torch.randn(5, 6); s[1] = s[0]; s[2] = 0
+    t = torch.randn(5, 6); t[3] = t[4]
+    for loss in (RKD(), PKT(), Similarity(), HiddenStateCosine(), FitNet(), ActivationBoundaries()):
+        for a, b in ((s, t), (torch.zeros(4, 6), torch.zeros(4, 6)), (torch.ones(4, 6), torch.randn(4, 6))):
+            a = a.clone().requires_grad_()
+            l = loss({'a': a}, {'b': b})
+            l.backward()
+            assert torch.isfinite(l) and torch.isfinite(a.grad).all(), type(loss).__name__
+    s4 = torch.zeros(3, 2, 4, 4, requires_grad=True)
+    l = Attention()({'a': s4}, {'b': torch.randn(3, 2, 4, 4)}); l.backward()
+    assert torch.isfinite(l) and torch.isfinite(s4.grad).all()
