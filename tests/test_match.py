@@ -217,6 +217,7 @@ def test_connectors_train_in_a_fit_and_stay_out_of_the_student(inner, tmp_path):
         def after_backward(self): grads.append(conn['2'].weight.grad.abs().sum().item())
     kd = KnowledgeDistillationCallback(teacher, Connected(inner(), conn), pairs['student'], pairs['teacher'])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[kd, GradSpy()])
+    assert kd.column_names == ['task_loss', 'connected_attention' if inner is Attention else 'connected_fitnet']
     assert grads and all(g > 0 for g in grads)
     assert all(not torch.equal(w0[k], v) for k, v in conn.state_dict().items()) # the optimizer stepped them
     ids = {id(p) for p in conn.parameters()}
