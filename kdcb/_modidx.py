@@ -84,6 +84,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdcb.match.LayerPairs._repr_markdown_': ('match.html#layerpairs._repr_markdown_', 'kdcb/match.py'),
                             'kdcb.match.LayerPairs._table': ('match.html#layerpairs._table', 'kdcb/match.py'),
                             'kdcb.match.LayerPairs.connectors': ('match.html#layerpairs.connectors', 'kdcb/match.py'),
+                            'kdcb.match.LayerPairs.unpaired': ('match.html#layerpairs.unpaired', 'kdcb/match.py'),
                             'kdcb.match._as_args': ('match.html#_as_args', 'kdcb/match.py'),
                             'kdcb.match._connector': ('match.html#_connector', 'kdcb/match.py'),
                             'kdcb.match._esc': ('match.html#_esc', 'kdcb/match.py'),
