@@ -243,3 +243,23 @@ def test_connected_rejects_output_losses():
     c = Connectors({})
     with pytest.raises(TypeError, match='Connected wraps feature losses'): Connected('soft_target', c)
     with pytest.raises(TypeError, match='Connected wraps feature losses'): Connected(lambda pred, fm_s, fm_t: 0, c)
+
+def test_auto_pairs_wired_in_before_fit():
+    "What `student_layers='auto'` in the callback amounts to: pairs found in `before_fit`, before the hooks go on"
+    class AutoLayers(Callback):
+        order = 4 # after TrainEvalCallback moved the model, before the distillation callback's `before_fit`
+        def __init__(self, kd): self.kd = kd
+        def before_fit(self):
+            p = auto_pairs(self.model, self.kd.teacher, self.dls.train.one_batch()[:1])
+            self.kd.student_layers, self.kd.teacher_layers = p['student'], p['teacher']
+    seen = []
+    def spy(fm_s, fm_t):
+        seen.append((list(fm_s), list(fm_t), [f.shape[1] for f in fm_t.values()]))
+        return sum(Attention()({'s': s}, {'t': t}) for s, t in zip(fm_s.values(), fm_t.values()))
+    torch.manual_seed(0)
+    student, teacher = conv_net(4, 2), conv_net(16, 2)
+    learn = Learner(image_dls(), student, loss_func=CrossEntropyLossFlat())
+    kd = KnowledgeDistillationCallback(teacher, spy, ['0'], ['0']) # placeholders, replaced in before_fit
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[kd, AutoLayers(kd)])
+    assert seen[0] == (['1', '2', '3'], ['1', '2', '3'], [16, 32, 64])
+    assert sum(len(m._forward_hooks) for m in [*student.modules(), *teacher.modules()]) == 0
