@@ -6,6 +6,7 @@ __all__ = []
 # %% ../nbs/04_all.ipynb #b563bfec
 from .core import *
 from .losses import *
+from .match import *
 from .callback import *
-from . import core, losses, callback
-__all__ = [*core.__all__, *losses.__all__, *callback.__all__]
+from . import core, losses, match, callback
+__all__ = [*core.__all__, *losses.__all__, *match.__all__, *callback.__all__]
