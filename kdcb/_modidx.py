@@ -15,6 +15,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                             'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback._init_state': ( 'callback.html#knowledgedistillationcallback._init_state',
                                                                                             'kdcb/callback.py'),
+                               'kdcb.callback.KnowledgeDistillationCallback._match_layers': ( 'callback.html#knowledgedistillationcallback._match_layers',
+                                                                                              'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback._release': ( 'callback.html#knowledgedistillationcallback._release',
                                                                                          'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback._run': ( 'callback.html#knowledgedistillationcallback._run',
