@@ -34,3 +34,10 @@ def digits_dls(bs=64, seed=0):
 
 @pytest.fixture
 def dls(): return toy_dls()
+
+
+def quiet_fit(learn, n=1, lr=1e-2, cbs=None, one_cycle=False):
+    "Fit without progress bars or logging"
+    import fastai.callback.progress, fastai.callback.schedule  # Learner.no_bar, Learner.fit_one_cycle
+    with learn.no_bar(), learn.no_logging():
+        (learn.fit_one_cycle if one_cycle else learn.fit)(n, lr, cbs=cbs)

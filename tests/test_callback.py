@@ -14,12 +14,7 @@ from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from kdcb.all import *
-from conftest import toy_dls, mlp, digits_dls
-
-
-def quiet_fit(learn, n=1, lr=1e-2, cbs=None, one_cycle=False):
-    with learn.no_bar(), learn.no_logging():
-        (learn.fit_one_cycle if one_cycle else learn.fit)(n, lr, cbs=cbs)
+from conftest import toy_dls, mlp, digits_dls, quiet_fit
 
 
 def n_hooks(*models): return sum(len(m._forward_hooks) for model in models for m in model.modules())

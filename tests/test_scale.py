@@ -8,11 +8,7 @@ import fastai.callback.progress  # Learner.no_bar
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from kdcb.all import *
-from conftest import mlp
-
-
-def quiet_fit(learn, n=1, cbs=None):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n, 1e-2, cbs=cbs)
+from conftest import mlp, quiet_fit
 
 
 class CPUAutocast(Callback):
