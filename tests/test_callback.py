@@ -264,3 +264,29 @@ def test_distillation_moves_the_student_towards_the_teacher():
 
     scratch, distilled = kl_to_teacher(False), kl_to_teacher(True)
     assert distilled < scratch, (distilled, scratch)
+
+
+def test_fastai_schedules_as_weights_and_multiplier(dls):
+    "combine_scheds as the weight and SchedLin as fasterai-style multiplier: the mixed loss follows both at every batch"
+    from fastai.callback.schedule import combine_scheds, SchedCos, SchedLin, SchedNo
+    torch.manual_seed(0)
+    teacher = mlp(h=32)
+    w, mult = combine_scheds([0.3, 0.7], [SchedCos(0., .6), SchedNo(.6, .6)]), SchedLin(1., .5)
+
+    class Rec(Callback):
+        order = 6
+        def before_fit(self): self.rows = []
+        def after_loss(self):
+            if self.training: self.rows.append(dict(pct=self.pct_train, mixed=self.learn.loss_grad.detach(), pred=self.pred.detach(),
+                                                    x=self.xb[0], y=self.yb[0], fs=dict(kd._fs), ft=dict(kd._ft)))
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'], weight=w, schedule=mult)
+    rec = Rec()
+    quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 3, cbs=[kd, rec])
+    assert len(rec.rows) == 3 * len(dls.train)
+    for r in rec.rows[::4]:
+        wt = w(r['pct']) * mult(r['pct'])
+        assert r['fs']['0'].requires_grad and not r['ft']['0'].requires_grad  # student maps keep their graph, teacher maps not
+        with torch.no_grad():
+            exp = ((1 - wt) * F.cross_entropy(r['pred'], r['y']) + wt / 2 * SoftTarget()(r['pred'], teacher(r['x']))
+                   + wt / 2 * Attention()(r['fs'], r['ft']))
+        torch.testing.assert_close(r['mixed'], exp)
