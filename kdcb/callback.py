@@ -309,3 +309,23 @@ class KnowledgeDistillationCallback(Callback):
 
     def _init_state(self): self.__dict__.update(teachers=None, teacher_pred=None, _saved=[], _cache=None, losses=L(),
                                                 _kdlosses=[], _extra=[], _state={})
+
+# %% ../nbs/03_callback.ipynb #4eb22ee0
+from fastcore.basics import patch
+
+@patch
+def state_dict(self:KnowledgeDistillationCallback)->dict: # loss column name -> that loss's `state_dict()`
+    "The state of the distillation losses that have one (connectors, generators, regressors), to resume training"
+    return {n: b.loss.state_dict() for n, b in zip(self.column_names[1:], self.losses)
+            if isinstance(b.loss, nn.Module) and b.loss.state_dict()}
+
+@patch
+def load_state_dict(self:KnowledgeDistillationCallback,
+                    state:dict): # as returned by `KnowledgeDistillationCallback.state_dict`
+    "Load the losses' state saved by `state_dict` into this callback's losses"
+    mine = self.state_dict()
+    if set(state) != set(mine): raise ValueError(
+        f"The saved state is for the losses {sorted(state)}, but this callback's losses with state are {sorted(mine)}: "
+        "build the callback with the same losses, in the same order, before loading.")
+    for n, b in zip(self.column_names[1:], self.losses):
+        if n in state: b.loss.load_state_dict(state[n])
