@@ -126,3 +126,38 @@ def test_cache_refuses_random_augmentation():
     learn = Learner(_tfmd_dls(after_batch=[SneakyJitter()]), mlp(), loss_func=CrossEntropyLossFlat())
     with pytest.raises(RuntimeError, match='changed between epochs'):
         quiet_fit(learn, 2, cbs=KnowledgeDistillationCallback(mlp(h=32), cache_teacher=True))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@cuda
+@pytest.mark.parametrize('half', ['to_fp16', 'to_bf16'])
+def test_mixed_precision_on_cuda(half):
+    "fastai's MixedPrecision on the GPU: the teacher runs inside its autocast, the mixed loss is finite, the scaler works"
+    from fastai.callback.fp16 import MixedPrecision
+    from conftest import toy_dls
+    dls = toy_dls(); dls.to('cuda')
+    kd = KnowledgeDistillationCallback(mlp(h=32), ['soft_target', 'attention'], ['0'], ['0'])
+    rec = Record(kd)
+    learn = getattr(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), half)()
+    quiet_fit(learn, 2, cbs=[kd, rec])
+    assert rec.rows and all(torch.isfinite(r[0]) for r in rec.rows)
+    assert rec.rows[0][1] == (torch.float16 if half == 'to_fp16' else torch.bfloat16)
+    assert all(p.grad is None for p in kd.teacher.parameters())
+    assert next(learn.model.parameters()).is_cuda and next(kd.teacher.parameters()).is_cuda
+
+
+@cuda
+def test_no_teacher_activation_outlives_its_batch_on_cuda():
+    "GPU memory after a distilled fit is back where it was before it, beyond the student's optimizer state"
+    from conftest import toy_dls
+    dls = toy_dls(); dls.to('cuda')
+    teacher = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 3)).cuda()
+    learn = Learner(dls, mlp().cuda(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1)  # optimizer state exists from here on
+    torch.cuda.synchronize(); before = torch.cuda.memory_allocated()
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'])
+    quiet_fit(learn, 1, cbs=kd)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 32 * 4096 * 4  # less than one batch of the teacher's hidden layer
