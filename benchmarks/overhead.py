@@ -8,7 +8,8 @@ In one process, per repeat and in a rotating order (so drift in machine load hit
 medians and the overhead ratio distilled / (plain + teacher inference): 1.00 would mean distillation costs nothing
 beyond running the teacher. A minimal hand-written SoftTarget callback (`by_hand`, no kdcb) is timed alongside: the
 teacher's forward inside a training loop costs more than in a loop of its own (caches), and the loss itself costs
-something, so `soft_target / by_hand` is what kdcb adds over the least any callback must do. Epoch times are training phases only, epochs 2+ of each fit (the first warms up).
+something, so `soft_target / by_hand` is what kdcb adds over the least any callback must do. Epoch times are
+training phases only, epochs 2+ of each fit (the first warms up).
 
 Two clocks: wall time, and the process's CPU time (`time.process_time`, with one torch thread), which other
 processes sharing the machine disturb far less than wall time; on an idle machine the two agree.
@@ -53,7 +54,7 @@ class TensorDL(DataLoader):
 
 
 def cnn(widths):
-    "1-D CNN over (B, 40) signals: a stem, then stages s1..s4 (the last three halve the length), pooled, linear"
+    "1-D CNN over (B, 40) signals: stages s1..s4 (conv, BatchNorm, ReLU; s2..s4 halve the length), pooled, linear"
     layers, c_in = [('unflatten', nn.Unflatten(1, (1, 40)))], 1
     for i, c in enumerate(widths):
         layers.append((STAGES[i], nn.Sequential(nn.Conv1d(c_in, c, 5 if i == 0 else 3, stride=1 if i == 0 else 2,
