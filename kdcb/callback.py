@@ -35,6 +35,9 @@ class _LossColumns(Callback):
         if not getattr(self.learn.recorder, 'cancel_train', False): self.learn.recorder.log += self.kd.averages()
 
 # %% ../nbs/03_callback.ipynb #29bae87c
+def _plain(x): return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
+def _as(x, cls): return x if cls is torch.Tensor or not isinstance(x, torch.Tensor) else x.as_subclass(cls)
+
 def _hook_into(store:dict, name:str): # a forward hook writing the module's output into `store[name]`
     def hook(m, i, o): store[name] = o
     return hook
@@ -247,14 +250,19 @@ class KnowledgeDistillationCallback(Callback):
 
     def after_loss(self):
         if not self._on or not len(self.yb): return
-        avail = dict(pred=self.pred, teacher_pred=self.teacher_pred, target=self.yb[0] if len(self.yb) == 1 else self.yb,
-                     fm_s={n: self._fmap(self._fs, n, 'student') for n in self.student_layers},
-                     fm_t={n: to_device(self._fmap(self._ft, n, 'teacher'), self._device) for n in self.teacher_layers})
-        task = self.learn.loss_grad
+        # fastai's tensor subclasses (`TensorBase` losses, `TensorImage` inputs) run every operation through Python's
+        # `__torch_function__`; plain views of the same tensors (autograd intact) keep the losses and the mixing cheap
+        ft = (lambda n: to_device(self._fmap(self._ft, n, 'teacher'), self._device)) if self.teacher_device else \
+             (lambda n: self._fmap(self._ft, n, 'teacher'))
+        avail = dict(pred=_plain(self.pred), teacher_pred=_plain(self.teacher_pred),
+                     target=_plain(self.yb[0]) if len(self.yb) == 1 else self.yb,
+                     fm_s={n: _plain(self._fmap(self._fs, n, 'student')) for n in self.student_layers},
+                     fm_t={n: _plain(ft(n)) for n in self.teacher_layers})
+        cls, task = type(self.learn.loss_grad), _plain(self.learn.loss_grad)
         terms = [self._scalar(b, b(**avail)) for b in self.losses]
         mixed = (1 - sum(self._w)) * task + sum(w * l for w, l in zip(self._w, terms))
-        self.learn.loss_grad = mixed
-        self.learn.loss = mixed.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
+        self.learn.loss_grad = _as(mixed, cls) # the type fastai's loss function gave
+        self.learn.loss = _as(mixed.detach().clone(), cls) # a copy: GradientAccumulation divides `loss_grad` in place
         if self.training: # running sums stay on the device: no synchronisation per batch
             vals = torch.stack([task.detach().float()] + [l.detach().float() for l in terms]) * find_bs(self.yb)
             self._sums = vals if self._sums is None else self._sums + vals

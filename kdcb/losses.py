@@ -255,7 +255,9 @@ def feature_pairs(fm_s:dict, fm_t:dict)->list[tuple[Tensor, Tensor]]:
 # %% ../nbs/01_losses.ipynb #8653b062
 def attention_map(f:Tensor, p:float=2.)->Tensor:
     "Spatial attention of feature map `f` (B, C, *spatial): the L2-normalised, flattened channel mean of |f|^p"
-    return F.normalize(_f32(f).abs().pow(p).mean(1).reshape(f.shape[0], -1), dim=1)
+    f = _f32(f)
+    a = f.square() if p == 2 else f.abs().pow(p) # |f|² = f²: one pass over the (large) map instead of two
+    return F.normalize(a.mean(1).reshape(f.shape[0], -1), dim=1)
 
 @register_loss
 class Attention(KDLoss):

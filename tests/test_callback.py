@@ -290,3 +290,18 @@ def test_fastai_schedules_as_weights_and_multiplier(dls):
             exp = ((1 - wt) * F.cross_entropy(r['pred'], r['y']) + wt / 2 * SoftTarget()(r['pred'], teacher(r['x']))
                    + wt / 2 * Attention()(r['fs'], r['ft']))
         torch.testing.assert_close(r['mixed'], exp)
+
+
+def test_mixed_loss_keeps_fastai_loss_type_and_gradients(dls):
+    "The mixing runs on plain tensor views; the learner still sees the loss type fastai's loss function gave"
+    from fastai.torch_core import TensorBase
+    seen = []
+    class Look(Callback):
+        order = 7 # after the distillation callback (5) has mixed the loss
+        def after_loss(self):
+            if self.training: seen.append((type(self.learn.loss_grad), type(self.learn.loss), self.learn.loss_grad.requires_grad))
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    quiet_fit(learn, 1, cbs=[KnowledgeDistillationCallback(mlp(h=32), 'soft_target', weight=0.5), Look()])
+    assert seen and all(s == (TensorBase, TensorBase, True) for s in seen), seen[:2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))

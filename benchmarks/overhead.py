@@ -1,0 +1,259 @@
+"""What distillation costs beyond the teacher's own forward pass, on MNIST-1D (built locally).
+
+Run: python benchmarks/overhead.py [--repeats 7] [--n-train 4000] [--epochs 3]
+
+In one process, per repeat and in a rotating order (so drift in machine load hits every variant alike), it times
+(a) a plain student training epoch, (b) the teacher's inference alone (eval mode, no_grad) over the same batches,
+(c) a distilled epoch with `soft_target` and (d) a distilled epoch with `attention` on 4 layer pairs, and prints
+medians and the overhead ratio distilled / (plain + teacher inference): 1.00 would mean distillation costs nothing
+beyond running the teacher. A minimal hand-written SoftTarget callback (`by_hand`, no kdcb) is timed alongside: the
+teacher's forward inside a training loop costs more than in a loop of its own (caches), and the loss itself costs
+something, so `soft_target / by_hand` is what kdcb adds over the least any callback must do. Epoch times are
+training phases only, epochs 2+ of each fit (the first warms up).
+
+Two clocks: wall time, and the process's CPU time (`time.process_time`, with one torch thread), which other
+processes sharing the machine disturb far less than wall time; on an idle machine the two agree.
+
+Peak memory. CPU: PyTorch's CPU allocator keeps no statistics, so each variant runs in a fresh subprocess that
+loads the data and builds both models, resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), fits, and
+reads the peak (`VmHWM`); "fit" is the peak minus the resident size at the start of the fit: what training itself
+needed (activations, gradients, optimizer state, teacher activations, hooked feature maps). glibc's malloc runs
+with a fixed mmap threshold there, so large freed blocks go back to the kernel and the peak follows live memory
+rather than the allocator's caching. CUDA: `torch.cuda.max_memory_allocated` around each fit, in this process.
+Where CUDA is available the same variants are measured there too, under autocast (`learn.to_fp16()`)."""
+import argparse, json, os, platform, tempfile, statistics, subprocess, sys, time
+from collections import OrderedDict
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+import fastai
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.core import Callback
+import fastai.callback.progress, fastai.callback.fp16
+from mnist1d.data import make_dataset, get_dataset_args
+from kdcb.all import *
+
+VARIANTS = ('plain', 'teacher', 'by_hand', 'soft_target', 'attention')
+STAGES = ['s1', 's2', 's3', 's4']
+
+
+class TensorDL(DataLoader):
+    "Batches sliced from whole tensors by index: no per-item Python work, so loading does not dominate the timings"
+    def __init__(self, x, y, bs, shuffle=False, drop_last=False, device=None):
+        super().__init__(x, bs=bs, shuffle=shuffle, drop_last=drop_last, device=device)
+        self.x, self.y = x, y
+    def create_batches(self, samps):
+        idx = torch.tensor(list(samps), dtype=torch.long)
+        for c in idx.split(self.bs):
+            if self.drop_last and len(c) < self.bs: break
+            yield self.x[c], self.y[c]
+
+
+def cnn(widths):
+    "1-D CNN over (B, 40) signals: stages s1..s4 (conv, BatchNorm, ReLU; s2..s4 halve the length), pooled, linear"
+    layers, c_in = [('unflatten', nn.Unflatten(1, (1, 40)))], 1
+    for i, c in enumerate(widths):
+        layers.append((STAGES[i], nn.Sequential(nn.Conv1d(c_in, c, 5 if i == 0 else 3, stride=1 if i == 0 else 2,
+                                                          padding=2 if i == 0 else 1), nn.BatchNorm1d(c), nn.ReLU())))
+        c_in = c
+    layers += [('pool', nn.AdaptiveAvgPool1d(1)), ('flatten', nn.Flatten()), ('head', nn.Linear(c_in, 10))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+TEACHER_W, STUDENT_W = (64, 96, 128, 160), (8, 16, 24, 32)
+def n_params(m): return sum(p.numel() for p in m.parameters())
+
+
+def clock(): return time.perf_counter(), time.process_time()
+def since(t0): return tuple(b - a for a, b in zip(t0, clock()))
+
+
+class TrainTimes(Callback):
+    "(wall, process CPU) time of each training phase (validation excluded); synchronises CUDA at both ends"
+    order = 100
+    def before_fit(self): self.times = []
+    def _sync(self):
+        if self.dls.device is not None and torch.device(self.dls.device).type == 'cuda': torch.cuda.synchronize()
+    def before_train(self): self._sync(); self.t = clock()
+    def after_train(self): self._sync(); self.times.append(since(self.t))
+
+
+def mnist1d(n_train):
+    "MNIST-1D built locally: `n_train` training and 1000 validation signals of length 40, normalised"
+    args = get_dataset_args(); args.num_samples = n_train + 1000
+    d = make_dataset(args)
+    x = torch.tensor(np.concatenate([d['x'], d['x_test']]), dtype=torch.float32) # make_dataset splits off a test set
+    y = torch.tensor(np.concatenate([d['y'], d['y_test']]))
+    return (x - x[:n_train].mean()) / x[:n_train].std(), y
+
+
+def data(n_train, bs, device, xy=None):
+    x, y = mnist1d(n_train) if xy is None else xy
+    return DataLoaders(TensorDL(x[:n_train], y[:n_train], bs, shuffle=True, drop_last=True),
+                       TensorDL(x[n_train:], y[n_train:], 512), device=device)
+
+
+class ByHand(Callback):
+    "The least a distillation callback can do: the teacher's forward under no_grad, KL·T² at T=5 mixed in at weight 0.5"
+    def __init__(self, teacher): self.teacher_model = teacher
+    def before_fit(self): self.teacher_model.eval()
+    def after_pred(self):
+        if self.training:
+            with torch.no_grad(): self.t_out = self.teacher_model(*self.xb)
+    def after_loss(self):
+        if not self.training: return
+        s, t = F.log_softmax(self.pred.float() / 5, -1), F.log_softmax(self.t_out.float() / 5, -1)
+        kl = F.kl_div(s, t, log_target=True, reduction='batchmean') * 25
+        self.learn.loss_grad = 0.5 * self.learn.loss_grad + 0.5 * kl
+        self.learn.loss = self.learn.loss_grad.detach().clone()
+        self.t_out = None
+
+
+def kd_cb(variant, teacher):
+    if variant == 'by_hand': return ByHand(teacher)
+    if variant == 'soft_target': return KnowledgeDistillationCallback(teacher, 'soft_target')
+    return KnowledgeDistillationCallback(teacher, 'attention', STAGES, STAGES)
+
+
+def student_learner(dls, seed, fp16):
+    torch.manual_seed(seed)
+    learn = Learner(dls, cnn(STUDENT_W), loss_func=CrossEntropyLossFlat(), cbs=TrainTimes())
+    return learn.to_fp16() if fp16 else learn
+
+
+def fit_times(variant, dls, teacher, seed, epochs, fp16):
+    "Training-phase times of epochs 2+ of one fit of `variant`"
+    learn = student_learner(dls, seed, fp16)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(epochs, 1e-3, cbs=None if variant == 'plain' else kd_cb(variant, teacher))
+    return learn.train_times.times[1:]
+
+
+def teacher_times(dls, teacher, epochs, fp16):
+    "The teacher's inference alone over one epoch of the same batches (drawn beforehand), epochs 2+"
+    dev = torch.device(dls.device or 'cpu')
+    teacher.to(dev).eval()
+    res = []
+    for _ in range(epochs):
+        batches = list(dls.train)
+        if dev.type == 'cuda': torch.cuda.synchronize()
+        t = clock()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
+            for xb, _ in batches: teacher(xb)
+        if dev.type == 'cuda': torch.cuda.synchronize()
+        res.append(since(t))
+    return res[1:]
+
+
+def measure_speed(device, repeats, n_train, epochs, bs):
+    fp16 = device == 'cuda'
+    dls = data(n_train, bs, device)
+    torch.manual_seed(0)
+    teacher = cnn(TEACHER_W).to(device) # untrained: cost, not accuracy, is measured here
+    res = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]: # rotate the order from repeat to repeat
+            res[v] += (teacher_times(dls, teacher, epochs, fp16) if v == 'teacher' else fit_times(v, dls, teacher, r, epochs, fp16))
+    clocks = ('wall', 'CPU') if device == 'cpu' else ('wall',) # CUDA: the host's CPU time says nothing of the GPU's
+    n_b = len(dls.train)
+    print(f"\n[{device}{', fp16 autocast' if fp16 else ''}] medians over {len(res['plain'])} epochs "
+          f"({repeats} repeats x {epochs - 1} timed epochs, {n_b} batches of {bs}), ms per epoch:")
+    print('  ' + ' '.join(f'{v:>12s}' for v in ('clock',) + VARIANTS) + '   ' + '  '.join(f'ratio {v}' for v in VARIANTS[2:])
+          + '  soft_target/by_hand')
+    med = {}
+    for i, c in enumerate(clocks):
+        m = {v: statistics.median(t[i] for t in res[v]) for v in VARIANTS}
+        base = m['plain'] + m['teacher']
+        print('  ' + f'{c:>12s} ' + ' '.join(f'{m[v]*1000:12.1f}' for v in VARIANTS) + '   ' +
+              '  '.join(f'{m[v]/base:{len("ratio " + v)}.3f}' for v in VARIANTS[2:]) + f'  {m["soft_target"]/m["by_hand"]:19.3f}')
+        med[c] = m
+    print("  ratio = distilled epoch / (plain epoch + teacher inference alone); by_hand: a minimal hand-written "
+          "SoftTarget callback (no kdcb), the floor for any callback")
+    return med
+
+
+def _status_kib(key): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key + ':')))
+
+
+def fit_memory(variant, device, n_train, epochs, bs, xy=None):
+    "Peak memory of one fit of `variant`: returns (before, peak) in MiB"
+    fp16 = device == 'cuda'
+    dls = data(n_train, bs, device, xy)
+    torch.manual_seed(0)
+    teacher = cnn(TEACHER_W).to(device)
+    learn = student_learner(dls, 0, fp16)
+    if device == 'cuda':
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5') # Linux: reset the peak RSS (VmHWM) to the current RSS
+        before = _status_kib('VmRSS') * 1024
+    if variant == 'teacher': teacher_times(dls, teacher, epochs, fp16)
+    else:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(epochs, 1e-3, cbs=None if variant == 'plain' else kd_cb(variant, teacher))
+    if device == 'cuda': torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
+    else: peak = _status_kib('VmHWM') * 1024
+    return before / 2**20, peak / 2**20
+
+
+def measure_memory(device, n_train, epochs, bs):
+    res = {}
+    # the children load the data from a file: building MNIST-1D would only add noise
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, 'mnist1d.pt'); torch.save(mnist1d(n_train), f)
+        for v in VARIANTS:
+            if device == 'cuda': res[v] = fit_memory(v, device, n_train, epochs, bs)
+            else:
+                out = subprocess.run([sys.executable, __file__, '--mem-child', v, '--data', f, '--n-train', str(n_train),
+                                      '--epochs', str(epochs), '--bs', str(bs)], capture_output=True, text=True, check=True,
+                                     env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '131072'})
+                res[v] = tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+    how = ('torch.cuda.max_memory_allocated' if device == 'cuda' else
+           'peak RSS (VmHWM) of a fresh subprocess per variant; "fit" = peak minus the RSS at the start of the fit')
+    print(f"\n[{device}] peak memory over a {epochs}-epoch fit with batches of {bs}, {how}:")
+    for v, (b, p) in res.items(): print(f"  {v:12s} before fit {b:8.1f} MiB, peak {p:8.1f} MiB, fit {p - b:7.1f} MiB")
+    (pb, pp), (tb, tp) = res['plain'], res['teacher']
+    for v in VARIANTS[2:]:
+        b, p = res[v]
+        print(f"  {v:12s} / plain: peak {p / pp:.3f}, fit increase {(p - b) / max(pp - pb, 1e-9):.2f}; "
+              f"fit increase / (plain's + teacher inference's) {(p - b) / max(pp - pb + tp - tb, 1e-9):.2f}")
+
+
+def environment(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    gpu = torch.cuda.get_device_name() if device == 'cuda' else 'none'
+    t, s = cnn(TEACHER_W), cnn(STUDENT_W)
+    print(f"torch {torch.__version__}, fastai {fastai.__version__}, python {platform.python_version()}; CPU {cpu}, "
+          f"{torch.get_num_threads()} torch thread(s) of {torch.multiprocessing.cpu_count()} cores; GPU {gpu}")
+    print(f"MNIST-1D (built locally); teacher 1-D CNN {n_params(t):,} params, stages {TEACHER_W}; "
+          f"student {n_params(s):,} params, stages {STUDENT_W}; attention pairs {STAGES}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--repeats', type=int, default=7); p.add_argument('--n-train', type=int, default=4000)
+    p.add_argument('--epochs', type=int, default=3, help='epochs per fit; the first is not timed')
+    p.add_argument('--bs', type=int, default=128)
+    p.add_argument('--mem-bs', type=int, default=1024, help='batch size of the memory runs (large, so activations show)')
+    p.add_argument('--no-memory', action='store_true')
+    p.add_argument('--mem-child', help=argparse.SUPPRESS); p.add_argument('--data', help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(1) # a shared 2-core machine: one thread each, medians of repeats
+    if a.mem_child:
+        print(json.dumps(fit_memory(a.mem_child, 'cpu', a.n_train, a.epochs, a.bs, torch.load(a.data)))); return
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    environment(devices[-1])
+    for d in devices:
+        measure_speed(d, a.repeats, a.n_train, a.epochs, a.bs)
+        if not a.no_memory: measure_memory(d, a.n_train, a.epochs, a.mem_bs)
+
+
+if __name__ == '__main__': main()
