@@ -243,10 +243,10 @@ class KnowledgeDistillationCallback(Callback):
         c['have'][self._idx] = True
 
     def _run(self, t): # one teacher forward on the batch, moved and cast to where and what the teacher is
-        p = next(t.parameters(), None)
-        if p is None or (p.device == self._device and self.teacher_dtype is None): return t(*self.xb)
-        xb = [x.to(p.device, p.dtype if x.is_floating_point() else x.dtype) if isinstance(x, torch.Tensor) else x for x in self.xb]
-        return t(*xb)
+        # plain tensors: fastai's subclasses (`TensorImage`...) would route every teacher op through `__torch_function__`
+        xb, p = [_plain(x) for x in self.xb], next(t.parameters(), None)
+        if p is None or (p.device == self._device and self.teacher_dtype is None): return t(*xb)
+        return t(*[x.to(p.device, p.dtype if x.is_floating_point() else x.dtype) if isinstance(x, torch.Tensor) else x for x in xb])
 
     def after_loss(self):
         if not self._on or not len(self.yb): return

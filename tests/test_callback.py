@@ -305,3 +305,17 @@ def test_mixed_loss_keeps_fastai_loss_type_and_gradients(dls):
     quiet_fit(learn, 1, cbs=[KnowledgeDistillationCallback(mlp(h=32), 'soft_target', weight=0.5), Look()])
     assert seen and all(s == (TensorBase, TensorBase, True) for s in seen), seen[:2]
     assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+
+
+def test_teacher_runs_on_plain_tensors(dls):
+    "fastai's tensor subclasses (TensorImage...) are unwrapped for the teacher: no `__torch_function__` per teacher op"
+    from fastai.torch_core import TensorImage
+    class Wrap(Callback):
+        order = 4
+        def before_batch(self): self.learn.xb = (TensorImage(self.xb[0]),)
+    seen = []
+    teacher = mlp(h=32)
+    teacher.register_forward_pre_hook(lambda m, i: seen.append(type(i[0])))
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    quiet_fit(learn, 1, cbs=[Wrap(), KnowledgeDistillationCallback(teacher, 'soft_target')])
+    assert seen and set(seen) == {torch.Tensor}
