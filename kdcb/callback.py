@@ -127,8 +127,9 @@ class KnowledgeDistillationCallback(Callback):
         if not self.losses: raise ValueError("Give at least one distillation loss.")
         names = self.losses.attrgot('name')
         self.column_names = ['task_loss'] + [n if list(names).count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
+        self.schedule = schedule
         self.weights = self._weights(weight)
-        store_attr('schedule,distill_valid,teacher_weights,feature_teacher,teacher_device,teacher_dtype,cache_teacher')
+        store_attr('distill_valid,teacher_weights,feature_teacher,teacher_device,teacher_dtype,cache_teacher')
         if cache_teacher and self.teacher_layers: raise ValueError(
             "cache_teacher keeps the teacher's outputs only, but feature losses need its activations at every batch: "
             "drop the teacher layers or set cache_teacher=False.")
@@ -150,11 +151,15 @@ class KnowledgeDistillationCallback(Callback):
 
     def _weights(self, weight):
         n = len(self.losses)
-        if isinstance(weight, (list, tuple, L)):
-            if len(weight) != n: raise ValueError(
-                f"{len(weight)} weights for {n} losses ({', '.join(self.column_names[1:])}): "
-                "give one weight per loss, or a single total weight.")
-            return list(weight)
+        each = list(weight) if isinstance(weight, (list, tuple, L)) else None
+        if each is not None and len(each) != n: raise ValueError(
+            f"{len(each)} weights for {n} losses ({', '.join(self.column_names[1:])}): "
+            "give one weight per loss, or a single total weight.")
+        total = each or [weight]
+        if self.schedule is None and not any(map(callable, total)) and sum(total) > 1 + 1e-6: raise ValueError(
+            f"The distillation weights {total} sum to {sum(total):g} > 1: the task loss would get a negative weight. "
+            "Give weights summing to at most 1, or scale a loss itself (e.g. `Attention(beta=100.)`).")
+        if each is not None: return each
         if n == 1: return [weight]
         return [(lambda p, w=weight: w(p)/n) if callable(weight) else weight/n] * n
 

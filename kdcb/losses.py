@@ -263,12 +263,13 @@ def attention_map(f:Tensor, p:float=2.)->Tensor:
 class Attention(KDLoss):
     "Attention transfer (Zagoruyko & Komodakis 2017): mean squared distance of attention maps, summed over pairs"
     def __init__(self, p:float=2., # exponent applied to the activations before the channel mean
+                 beta:float=1., # scale of the loss: maps are unit vectors, so the raw distance is small (the paper uses 1000)
                 ):
         super().__init__(); store_attr()
 
     def forward(self, fm_s:dict, fm_t:dict)->Tensor:
-        return sum((attention_map(s, self.p) - attention_map(t.detach(), self.p)).pow(2).mean()
-                   for s, t in (match_spatial(s, t) for s, t in feature_pairs(fm_s, fm_t)))
+        return self.beta * sum((attention_map(s, self.p) - attention_map(t.detach(), self.p)).pow(2).mean()
+                               for s, t in (match_spatial(s, t) for s, t in feature_pairs(fm_s, fm_t)))
 
 # %% ../nbs/01_losses.ipynb #95ee14bf
 def _same_channels(s:Tensor, t:Tensor, loss:str)->None:
