@@ -93,6 +93,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'kdcb.demo.n_params': ('demo.html#n_params', 'kdcb/demo.py'),
                            'kdcb.demo.parse_loss': ('demo.html#parse_loss', 'kdcb/demo.py'),
                            'kdcb.demo.plot_runs': ('demo.html#plot_runs', 'kdcb/demo.py'),
+                           'kdcb.demo.run_demo': ('demo.html#run_demo', 'kdcb/demo.py'),
                            'kdcb.demo.summarise': ('demo.html#summarise', 'kdcb/demo.py'),
                            'kdcb.demo.tensor_dls': ('demo.html#tensor_dls', 'kdcb/demo.py'),
                            'kdcb.demo.train': ('demo.html#train', 'kdcb/demo.py')},
