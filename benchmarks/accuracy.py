@@ -10,6 +10,7 @@ import torch
 from torch import nn
 import fastai, sklearn
 from sklearn.datasets import load_digits
+from fastai.torch_core import set_seed
 from kdcb.all import *
 from kdcb.demo import mnist1d, tensor_dls, ShiftNoise, cnn1d, n_params, train, parse_loss
 
@@ -45,9 +46,9 @@ def fitnet_connected(student, teacher, dls):
 
 def run_rows(name, s, seeds, epochs, T, specs, bar):
     dls = s['dls']()
-    torch.manual_seed(0)
+    set_seed(0)
     teacher = s['teacher']()
-    tlog = train(dls, teacher, epochs, s['lr'], aug=s['aug'](), bar=bar)
+    tlog = train(dls, teacher, epochs, s['lr'], aug=s['aug'](), bar=bar, seed=0)
     n_s = n_params(s['student']())
     print(f"\n### {name}: teacher {n_params(teacher):,} params, {100 * tlog.accs[-1]:.1f}%; student {n_s:,} params; "
           f"{len(dls.train.dataset)} training / {len(dls.valid.dataset)} validation samples, {epochs} epochs, "
@@ -56,8 +57,8 @@ def run_rows(name, s, seeds, epochs, T, specs, bar):
     base = None
     for spec in specs:
         accs, times = [], []
-        for seed in seeds:
-            torch.manual_seed(seed)
+        for seed in seeds:  # seed fixes the initial student, the batch order and the augmentation: rows are paired
+            set_seed(seed)
             student = s['student']()
             kw, weight = {}, WEIGHTS.get(spec, 0.9)
             if spec == 'scratch': losses = None
@@ -66,7 +67,7 @@ def run_rows(name, s, seeds, epochs, T, specs, bar):
                 losses, weight = [fit, parse_loss('soft_target', T)[0]], [0.1, 0.8]
                 kw = dict(student_layers=pairs['student'], teacher_layers=pairs['teacher'])
             else: losses = parse_loss(spec, T)
-            log = train(dls, student, epochs, s['lr'], teacher, losses, weight, s['aug'](), bar, **kw)
+            log = train(dls, student, epochs, s['lr'], teacher, losses, weight, s['aug'](), bar, seed=seed, **kw)
             accs.append(100 * log.accs[-1]); times += log.times
         m, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.
         if base is None: base = m
@@ -76,14 +77,14 @@ def run_rows(name, s, seeds, epochs, T, specs, bar):
 
 def sweep(name, s, seeds, epochs, temps, weights, bar):
     dls = s['dls']()
-    torch.manual_seed(0)
+    set_seed(0)
     teacher = s['teacher']()
-    tlog = train(dls, teacher, epochs, s['lr'], aug=s['aug'](), bar=bar)
+    tlog = train(dls, teacher, epochs, s['lr'], aug=s['aug'](), bar=bar, seed=0)
     def acc(losses=None, w=0.):
         a = []
         for seed in seeds:
-            torch.manual_seed(seed)
-            a.append(100 * train(dls, s['student'](), epochs, s['lr'], teacher, losses, w, s['aug'](), bar).accs[-1])
+            set_seed(seed)
+            a.append(100 * train(dls, s['student'](), epochs, s['lr'], teacher, losses, w, s['aug'](), bar, seed=seed).accs[-1])
         return statistics.mean(a), statistics.stdev(a) if len(a) > 1 else 0.
     m, sd = acc()
     print(f"\n### soft_target sweep on {name}: teacher {100 * tlog.accs[-1]:.1f}%, scratch {m:.1f} ± {sd:.1f}; "
