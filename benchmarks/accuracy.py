@@ -14,8 +14,8 @@ from fastai.torch_core import set_seed
 from kdcb.all import *
 from kdcb.demo import mnist1d, tensor_dls, ShiftNoise, cnn1d, n_params, train, parse_loss
 
-OUTPUT_LOSSES = ['soft_target', 'logits', 'mutual', 'decoupled_kd', 'normalized_kd', 'logits_distillation_loss', 'mft_loss', 'dist']
-WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the README); every other loss 0.9
+OUTPUT_LOSSES = ['soft_target', 'logits', 'mutual', 'decoupled_kd', 'decoupled_kd beta=2', 'normalized_kd', 'logits_distillation_loss', 'mft_loss', 'dist']
+WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the README); every other loss `--weight`
 
 
 def digits(seed=0):
@@ -44,7 +44,8 @@ def fitnet_connected(student, teacher, dls):
     return Connected(FitNet(), pairs.connectors()), pairs
 
 
-def run_rows(name, s, seeds, epochs, T, specs, bar):
+def run_rows(name, s, seeds, epochs, T, specs, a):
+    bar = a.bar
     dls = s['dls']()
     set_seed(0)
     teacher = s['teacher']()
@@ -52,7 +53,7 @@ def run_rows(name, s, seeds, epochs, T, specs, bar):
     n_s = n_params(s['student']())
     print(f"\n### {name}: teacher {n_params(teacher):,} params, {100 * tlog.accs[-1]:.1f}%; student {n_s:,} params; "
           f"{len(dls.train.dataset)} training / {len(dls.valid.dataset)} validation samples, {epochs} epochs, "
-          f"seeds {list(seeds)}, soft_target T={T:g}\n", flush=True)
+          f"seeds {list(seeds)}, T={T:g} for soft_target and decoupled_kd, other losses at their defaults\n", flush=True)
     print('| loss | weight | accuracy (%) | vs scratch | s / epoch |\n|---|---|---|---|---|', flush=True)
     base = None
     for spec in specs:
@@ -60,13 +61,14 @@ def run_rows(name, s, seeds, epochs, T, specs, bar):
         for seed in seeds:  # seed fixes the initial student, the batch order and the augmentation: rows are paired
             set_seed(seed)
             student = s['student']()
-            kw, weight = {}, WEIGHTS.get(spec, 0.9)
+            kw, weight = {}, WEIGHTS.get(spec, a.weight)
             if spec == 'scratch': losses = None
             elif spec == 'fit_net+soft_target':  # connectors: the student's stages are narrower than the teacher's
                 fit, pairs = fitnet_connected(student, teacher, dls)
-                losses, weight = [fit, parse_loss('soft_target', T)[0]], [0.1, 0.8]
+                losses, weight = [fit, parse_loss('soft_target', T)[0]], [0.1, a.weight - 0.1]
                 kw = dict(student_layers=pairs['student'], teacher_layers=pairs['teacher'])
-            else: losses = parse_loss(spec, T)
+            elif spec == 'decoupled_kd beta=2': losses = parse_loss('decoupled_kd', T, {'decoupled_kd': dict(beta=2.)})  # the demo's
+            else: losses = parse_loss(spec, T, options={})  # registered defaults
             log = train(dls, student, epochs, s['lr'], teacher, losses, weight, s['aug'](), bar, seed=seed, **kw)
             accs.append(100 * log.accs[-1]); times += log.times
         m, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.
@@ -91,7 +93,7 @@ def sweep(name, s, seeds, epochs, temps, weights, bar):
           f"{epochs} epochs, seeds {list(seeds)}; rows temperature T, columns total distillation weight\n", flush=True)
     print('| T | ' + ' | '.join(f'w={w:g}' for w in weights) + ' |\n|---|' + '---|' * len(weights), flush=True)
     for T in temps:
-        cells = [acc(parse_loss('soft_target', T), w) for w in weights]
+        cells = [acc(parse_loss('soft_target', T, options={}), w) for w in weights]
         print(f'| {T:g} | ' + ' | '.join(f'{m:.1f} ± {sd:.1f}' for m, sd in cells) + ' |', flush=True)
 
 
@@ -100,6 +102,7 @@ def main():
     p.add_argument('--seeds', type=int, default=3); p.add_argument('--epochs', type=int, default=40)
     p.add_argument('--digits-epochs', type=int, default=30); p.add_argument('--n-train', type=int, default=4000)
     p.add_argument('--datasets', default='mnist1d,digits'); p.add_argument('--temperature', type=float, default=4.)
+    p.add_argument('--weight', type=float, default=0.5, help='total distillation weight of every row (MSE logits: 0.1)')
     p.add_argument('--losses', default=None, help='comma list of rows (default: scratch, every output loss, feature rows)')
     p.add_argument('--sweep', action='store_true', help='sweep temperature x weight for soft_target instead')
     p.add_argument('--temperatures', default='1,2,4,8'); p.add_argument('--weights', default='0.5,0.9,1')
@@ -117,7 +120,7 @@ def main():
             continue
         specs = a.losses.split(',') if a.losses else ['scratch'] + OUTPUT_LOSSES + (
             ['attention+soft_target', 'fit_net+soft_target'] if s['features'] else [])
-        run_rows(name, s, seeds, epochs, a.temperature, specs, a.bar)
+        run_rows(name, s, seeds, epochs, a.temperature, specs, a)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
