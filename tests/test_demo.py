@@ -35,6 +35,7 @@ def test_seeds_change_students(tmp_path):
     (['--losses', 'attention+nope'], 'Registered losses: activation_boundaries, attention'),
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--seeds', '0'], '--seeds must be at least 1'),
+    (['--threads', '0'], '--threads must be at least 1'),
     (['--n-train', '10'], '--n-train must be at least 256'),
     (['--weight', '1.5'], '--weight is a share'),
     (['--losses', ','], '--losses is empty'),
