@@ -31,9 +31,8 @@ class EpochTimes(Callback):
 def main(repeats=5, n_train=4000, epochs=4):
     args = get_dataset_args(); args.num_samples = n_train + 1000
     d = make_dataset(args)
-    x, y = torch.tensor(d['x'], dtype=torch.float32), torch.tensor(d['y'])
-    ds = list(zip(x, y))
-    dls = DataLoaders(DataLoader(ds[:n_train], bs=128, shuffle=True, drop_last=True), DataLoader(ds[n_train:], bs=512))
+    ds = lambda k: list(zip(torch.tensor(d['x' + k], dtype=torch.float32), torch.tensor(d['y' + k])))
+    dls = DataLoaders(DataLoader(ds('')[:n_train], bs=128, shuffle=True, drop_last=True), DataLoader(ds('_test'), bs=512))
     teacher = cnn(128)  # an untrained wide teacher: cost, not accuracy, is measured here
     res = {False: [], True: []}
     for r in range(repeats):

@@ -4,7 +4,9 @@
 
 # %% ../nbs/05_demo.ipynb #8bdc0e27
 from __future__ import annotations
-import argparse, random, statistics, time
+import argparse, random, statistics, time, warnings
+# fastai's own import calls `torch.jit.script`, which torch deprecates: nothing a demo user can act on
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from pathlib import Path
 import torch
 from torch import nn, Tensor
