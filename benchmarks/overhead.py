@@ -23,34 +23,19 @@ rather than the allocator's caching. CUDA: `torch.cuda.max_memory_allocated` aro
 Where CUDA is available the same variants are measured there too, under autocast (`learn.to_fp16()`)."""
 import argparse, json, os, platform, tempfile, statistics, subprocess, sys, time
 from collections import OrderedDict
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 import fastai
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
 import fastai.callback.progress, fastai.callback.fp16
-from mnist1d.data import make_dataset, get_dataset_args
 from kdcb.all import *
+from kdcb.demo import mnist1d, tensor_dls, n_params
 
 VARIANTS = ('plain', 'teacher', 'by_hand', 'soft_target', 'attention')
 STAGES = ['s1', 's2', 's3', 's4']
-
-
-class TensorDL(DataLoader):
-    "Batches sliced from whole tensors by index: no per-item Python work, so loading does not dominate the timings"
-    def __init__(self, x, y, bs, shuffle=False, drop_last=False, device=None):
-        super().__init__(x, bs=bs, shuffle=shuffle, drop_last=drop_last, device=device)
-        self.x, self.y = x, y
-    def create_batches(self, samps):
-        idx = torch.tensor(list(samps), dtype=torch.long)
-        for c in idx.split(self.bs):
-            if self.drop_last and len(c) < self.bs: break
-            yield self.x[c], self.y[c]
 
 
 def cnn(widths):
@@ -65,7 +50,6 @@ def cnn(widths):
 
 
 TEACHER_W, STUDENT_W = (64, 96, 128, 160), (8, 16, 24, 32)
-def n_params(m): return sum(p.numel() for p in m.parameters())
 
 
 def clock(): return time.perf_counter(), time.process_time()
@@ -82,19 +66,9 @@ class TrainTimes(Callback):
     def after_train(self): self._sync(); self.times.append(since(self.t))
 
 
-def mnist1d(n_train):
-    "MNIST-1D built locally: `n_train` training and 1000 validation signals of length 40, normalised"
-    args = get_dataset_args(); args.num_samples = n_train + 1000
-    d = make_dataset(args)
-    x = torch.tensor(np.concatenate([d['x'], d['x_test']]), dtype=torch.float32) # make_dataset splits off a test set
-    y = torch.tensor(np.concatenate([d['y'], d['y_test']]))
-    return (x - x[:n_train].mean()) / x[:n_train].std(), y
-
-
-def data(n_train, bs, device, xy=None):
-    x, y = mnist1d(n_train) if xy is None else xy
-    return DataLoaders(TensorDL(x[:n_train], y[:n_train], bs, shuffle=True, drop_last=True),
-                       TensorDL(x[n_train:], y[n_train:], 512), device=device)
+def data(n_train, bs, device, tensors=None):
+    "MNIST-1D built locally (`n_train` training, 1000 validation signals) as tensor batches: loading costs next to nothing"
+    return tensor_dls(*(tensors or mnist1d(n_train)), bs=bs).to(device)
 
 
 class ByHand(Callback):
@@ -179,10 +153,10 @@ def measure_speed(device, repeats, n_train, epochs, bs):
 def _status_kib(key): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key + ':')))
 
 
-def fit_memory(variant, device, n_train, epochs, bs, xy=None):
+def fit_memory(variant, device, n_train, epochs, bs, tensors=None):
     "Peak memory of one fit of `variant`: returns (before, peak) in MiB"
     fp16 = device == 'cuda'
-    dls = data(n_train, bs, device, xy)
+    dls = data(n_train, bs, device, tensors)
     torch.manual_seed(0)
     teacher = cnn(TEACHER_W).to(device)
     learn = student_learner(dls, 0, fp16)
