@@ -263,3 +263,21 @@ def test_auto_pairs_wired_in_before_fit():
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[kd, AutoLayers(kd)])
     assert seen[0] == (['1', '2', '3'], ['1', '2', '3'], [16, 32, 64])
     assert sum(len(m._forward_hooks) for m in [*student.modules(), *teacher.modules()]) == 0
+
+def test_timm_models():
+    "timm models built without pretrained weights: CNN stages pair across families, ViT tokens by count; connectors map widths"
+    import timm # a dev requirement
+    s = timm.create_model('resnet18', pretrained=False, num_classes=10)
+    t = timm.create_model('resnet50', pretrained=False, num_classes=10)
+    p = match_feature_layers(s, t, x64)
+    assert p['student'] == p['teacher'] == ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+    c = timm.create_model('convnext_atto', pretrained=False, num_classes=10) # other stage names and widths
+    q = match_feature_layers(c, t, x64)
+    assert q['student'][:3] == ['stages.0', 'stages.1', 'stages.2'] and q['teacher'] == ['layer1', 'layer2', 'layer3', 'layer4']
+    vs = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=64, depth=2, num_classes=10)
+    vt = timm.create_model('vit_small_patch16_224', pretrained=False, img_size=64, depth=3, num_classes=10)
+    v = match_feature_layers(vs, vt, x64)
+    last = v.rows[-1]
+    assert last.resolution[0] == 'tokens' and last.student_shape == (1, 17, 192) and last.teacher_shape == (1, 17, 384)
+    out = v.connectors()({last.student: torch.randn(last.student_shape)})
+    assert out[last.student].shape == (1, 17, 384)
