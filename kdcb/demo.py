@@ -87,7 +87,7 @@ class EpochLog(Callback):
     def before_epoch(self): self.t0 = time.perf_counter()
     def before_batch(self):
         kd, p = getattr(self.learn, 'knowledge_distillation', None), self.pct_train
-        if self.training and kd is not None: self.weights.append((p, sum(float(w(p)) if callable(w) else w for w in kd.weights)))
+        if self.training and kd is not None: self.weights.append((p, sum(kd._w))) # as the callback just evaluated them
     def after_epoch(self):
         self.times.append(time.perf_counter() - self.t0)
         self.accs.append(float(self.recorder.final_record[self.recorder.metric_names.index('accuracy') - 1]))
