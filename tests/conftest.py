@@ -19,6 +19,12 @@ def toy_dls(n=256, d=8, c=3, bs=32, seed=0):
 def mlp(d=8, h=16, c=3): return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, c))
 
 
+def conv(w=4, d=8, c=3):
+    "A 1-D CNN on the toy data's (B, d) vectors: '1' and '3' are convolutions with maps of length d and d/2"
+    return nn.Sequential(nn.Unflatten(1, (1, d)), nn.Conv1d(1, w, 3, padding=1), nn.ReLU(), nn.Conv1d(w, w, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(w, c))
+
+
 def digits_dls(bs=64, seed=0):
     "scikit-learn's bundled 8x8 digits as (B, 64) float features, a fixed 80/20 split"
     from sklearn.datasets import load_digits

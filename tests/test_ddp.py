@@ -18,6 +18,7 @@ def run(out, rank=None, world=1, port=None):
     return subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_stay_identical_and_match_one_process(tmp_path):
     port = free_port()
     procs = [run(tmp_path / f'rank{r}.pt', r, 2, port) for r in range(2)]

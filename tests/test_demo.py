@@ -7,6 +7,7 @@ torch.set_num_threads(1)
 TINY = ['--epochs', '2', '--seeds', '2', '--n-train', '512', '--no-bar']
 
 
+@pytest.mark.slow
 def test_main_rows_table_and_plot(tmp_path, capsys):
     rows = run_demo(TINY + ['--losses', 'soft_target,attention+soft_target', '--out', str(tmp_path)])
     assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, soft_target', 'student, attention+soft_target']
@@ -47,6 +48,7 @@ def test_bad_options(args, msg, capsys, tmp_path):
     assert not (tmp_path / 'o').exists()  # refused before anything ran
 
 
+@pytest.mark.slow
 def test_python_m(tmp_path):
     "`python -m kdcb.demo` runs the console script's `main`: exit status 0, the table printed, nothing else returned"
     r = subprocess.run([sys.executable, '-m', 'kdcb.demo', '--epochs', '1', '--seeds', '1', '--n-train', '256', '--losses', 'soft_target',

@@ -20,7 +20,7 @@ LABELLED = {'decoupled_kd', 'normalized_kd', 'mft_loss'}
 def test_registry_has_every_loss():
     assert set(OUTPUT + FEATURE) <= set(available_losses())
     for n in OUTPUT + FEATURE:
-        if n != 'mgd_loss': assert isinstance(get_loss(n), KDLoss), n
+        if n != 'mgd_loss': assert isinstance(get_loss(n), ScheduledLoss), n
     with pytest.raises(TypeError): get_loss('mgd_loss') # channel counts are required, as in Model Optimizer
 
 def test_modelopt_signatures():
@@ -75,7 +75,7 @@ def test_feature_gradcheck(name):
     s = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     t = torch.randn(*shape, dtype=torch.float64)
     loss = _feat_loss(name)
-    assert gradcheck(lambda s: loss({'a': s}, {'b': t}), (s,), eps=1e-6, atol=1e-5)
+    assert gradcheck(lambda s: loss(s, t), (s,), eps=1e-6, atol=1e-5)
 
 def test_mgd_gradcheck_and_mask_ratio():
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_teacher_gets_no_gradient():
         _call_out(name, _out_loss(name), s, t, y).backward()
     fs = torch.randn(4, 3, 3, 3, requires_grad=True); ft = torch.randn(4, 3, 3, 3, requires_grad=True)
     for name in [n for n in FEATURE if n not in ('mgd_loss', 'hidden_state_cosine')]:
-        _feat_loss(name)({'a': fs}, {'b': ft}).backward()
+        _feat_loss(name)(fs, ft).backward()
     MGDLoss(3, 3)(fs, ft).backward()
     assert t.grad is None and ft.grad is None
     assert s.grad is not None and fs.grad is not None
@@ -158,7 +158,7 @@ def test_schedules():
         torch.testing.assert_close(sched(*args), fixed(*args))
     ab, ab2 = ActivationBoundaries(margin=lambda p: 2*p), ActivationBoundaries(margin=1.)
     ab.pct_train = .5
-    fs, ft = {'a': torch.randn(2, 3, 4, 4)}, {'b': torch.randn(2, 3, 4, 4)}
+    fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(ab(fs, ft), ab2(fs, ft))
 
 def test_dkd_against_mdistiller_formulation():
@@ -209,22 +209,23 @@ def test_feature_shapes(name):
     loss = _feat_loss(name)
     a, b = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4)
     cl = a.contiguous(memory_format=torch.channels_last)
-    l = loss({'a': a}, {'b': b})
+    l = loss(a, b)
     assert l.shape == () and torch.isfinite(l)
-    torch.testing.assert_close(loss({'a': cl}, {'b': b}), l)
+    torch.testing.assert_close(loss(cl, b), l)
     c, d = torch.randn(4, 3, 10), torch.randn(4, 3, 10)
-    torch.testing.assert_close(loss({'a': a, 'c': c}, {'b': b, 'd': d}), l + loss({'c': c}, {'d': d}))
-    with pytest.raises(ValueError, match='pair them one to one'): loss({'a': a, 'c': c}, {'b': b})
+    term = LossTerm(loss) # applies the loss of one pair to every layer pair, and adds the results
+    torch.testing.assert_close(term(fm_s={'a': a, 'c': c}, fm_t={'b': b, 'd': d}), l + loss(c, d))
+    with pytest.raises(ValueError, match='pair them one to one'): term(fm_s={'a': a, 'c': c}, fm_t={'b': b})
 
 def test_channel_mismatch():
     a, b = torch.randn(4, 3, 4, 4), torch.randn(4, 8, 4, 4)
     for loss in (FitNet(), ActivationBoundaries()):
-        with pytest.raises(ValueError, match='add a connector'): loss({'a': a}, {'b': b})
+        with pytest.raises(ValueError, match='add a connector'): loss(a, b)
     fit = FitNet(3, 8)
-    assert torch.isfinite(fit({'a': a}, {'b': b})) and torch.isfinite(fit({'a': torch.randn(4, 3, 7)}, {'b': torch.randn(4, 8, 7)}))
-    with pytest.raises(ValueError, match='maps 3 student channels'): fit({'a': b}, {'b': b})
+    assert torch.isfinite(fit(a, b)) and torch.isfinite(fit(torch.randn(4, 3, 7), torch.randn(4, 8, 7)))
+    with pytest.raises(ValueError, match='maps 3 student channels'): fit(b, b)
     with pytest.raises(ValueError, match='or neither'): FitNet(3)
-    for loss in (Attention(), Similarity(), RKD(), PKT()): assert torch.isfinite(loss({'a': a}, {'b': b}))
+    for loss in (Attention(), Similarity(), RKD(), PKT()): assert torch.isfinite(loss(a, b))
 
 def test_relational_losses_are_invariant():
     "SP, RKD and PKT compare sample relations: an orthogonal rotation and (for RKD, PKT) a scale of the teacher change nothing"
@@ -232,11 +233,11 @@ def test_relational_losses_are_invariant():
     s, t = torch.randn(6, 8), torch.randn(6, 8)
     Q = torch.linalg.qr(torch.randn(8, 8)).Q
     for loss in (Similarity(), RKD(), PKT()):
-        torch.testing.assert_close(loss({'a': s}, {'b': t @ Q}), loss({'a': s}, {'b': t}), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss(s, t @ Q), loss(s, t), rtol=1e-4, atol=1e-6)
     for loss in (RKD(), PKT()):
-        torch.testing.assert_close(loss({'a': s}, {'b': 3*t}), loss({'a': s}, {'b': t}), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss(s, 3*t), loss(s, t), rtol=1e-4, atol=1e-6)
     for loss in (Similarity(), RKD(), PKT(), FitNet(), HiddenStateCosine()):
-        assert loss({'a': t}, {'b': t.clone()}) < 1e-6
+        assert loss(t, t.clone()) < 1e-6
 
 # ---- a real distillation run with every loss ----
 def _digits(n_train=1400):
@@ -324,9 +325,9 @@ def test_degenerate_features_have_finite_gradients():
     for loss in (RKD(), PKT(), Similarity(), HiddenStateCosine(), FitNet(), ActivationBoundaries()):
         for a, b in ((s, t), (torch.zeros(4, 6), torch.zeros(4, 6)), (torch.ones(4, 6), torch.randn(4, 6))):
             a = a.clone().requires_grad_()
-            l = loss({'a': a}, {'b': b})
+            l = loss(a, b)
             l.backward()
             assert torch.isfinite(l) and torch.isfinite(a.grad).all(), type(loss).__name__
     s4 = torch.zeros(3, 2, 4, 4, requires_grad=True)
-    l = Attention()({'a': s4}, {'b': torch.randn(3, 2, 4, 4)}); l.backward()
+    l = Attention()(s4, torch.randn(3, 2, 4, 4)); l.backward()
     assert torch.isfinite(l) and torch.isfinite(s4.grad).all()

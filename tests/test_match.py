@@ -250,12 +250,12 @@ def test_auto_pairs_wired_in_before_fit():
         order = 4 # after TrainEvalCallback moved the model, before the distillation callback's `before_fit`
         def __init__(self, kd): self.kd = kd
         def before_fit(self):
-            p = auto_pairs(self.model, self.kd.teacher, self.dls.train.one_batch()[:1])
+            p = auto_pairs(self.model, self.kd.teacher.model, self.dls.train.one_batch()[:1])
             self.kd.student_layers, self.kd.teacher_layers = p['student'], p['teacher']
     seen = []
     def spy(fm_s, fm_t):
         seen.append((list(fm_s), list(fm_t), [f.shape[1] for f in fm_t.values()]))
-        return sum(Attention()({'s': s}, {'t': t}) for s, t in zip(fm_s.values(), fm_t.values()))
+        return sum(Attention()(s, t) for s, t in zip(fm_s.values(), fm_t.values()))
     torch.manual_seed(0)
     student, teacher = conv_net(4, 2), conv_net(16, 2)
     learn = Learner(image_dls(), student, loss_func=CrossEntropyLossFlat())

@@ -8,7 +8,7 @@ import fastai.callback.progress  # Learner.no_bar
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from kdcb.all import *
-from conftest import mlp, quiet_fit
+from conftest import mlp, conv, quiet_fit
 
 
 class CPUAutocast(Callback):
@@ -41,11 +41,11 @@ def test_extreme_logits_in_bfloat16_stay_finite():
 def test_fit_under_bf16_autocast_with_huge_logits(dls):
     "The teacher runs inside the student's autocast and the mixed loss stays finite"
     class Loud(nn.Module):
-        def __init__(self, h): super().__init__(); self.net = mlp(h=h)
+        def __init__(self, w): super().__init__(); self.net = conv(w)
         def forward(self, x): return self.net(x) * 1e4
-    kd = KnowledgeDistillationCallback(Loud(32), ['soft_target', 'attention'], ['0'], ['net.0'], weight=.5)
+    kd = KnowledgeDistillationCallback(Loud(8), ['soft_target', 'attention'], ['1'], ['net.1'], weight=.5)
     rec = Record(kd)
-    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=[kd, rec, CPUAutocast()])
     assert rec.rows and all(torch.isfinite(r[0]) for r in rec.rows)
     assert rec.rows[0][1] == torch.bfloat16  # the teacher ran under autocast
@@ -78,18 +78,20 @@ def test_teacher_in_bfloat16(dls):
     rec = Record(kd)
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=[kd, rec])
-    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert next(teacher.parameters()).dtype == torch.float32 # converted for the fit only
     assert rec.rows and rec.rows[0][1] == torch.bfloat16 and all(torch.isfinite(r[0]) for r in rec.rows)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 def test_teacher_on_another_device(dls):
     "The student trains on the CPU while the teacher runs on the GPU; outputs come back to the student's device"
-    teacher = mlp(h=32)
-    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'], teacher_device='cuda')
-    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    teacher, seen = conv(8), []
+    teacher.register_forward_pre_hook(lambda m, i: seen.append(next(m.parameters()).device.type))
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'], teacher_device='cuda')
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=kd)
-    assert next(teacher.parameters()).device.type == 'cuda'
+    assert seen and set(seen) == {'cuda'} # it ran on the GPU...
+    assert next(teacher.parameters()).device.type == 'cpu' # ...and went back where it was
 
 
 def _tfmd_dls(after_batch=None, shuffle=True):
@@ -137,14 +139,14 @@ def test_mixed_precision_on_cuda(half):
     "fastai's MixedPrecision on the GPU: the teacher runs inside its autocast and the mixed loss stays finite"
     from conftest import toy_dls
     dls = toy_dls(); dls.to('cuda')
-    kd = KnowledgeDistillationCallback(mlp(h=32), ['soft_target', 'attention'], ['0'], ['0'])
+    kd = KnowledgeDistillationCallback(conv(8), ['soft_target', 'attention'], ['1'], ['1'])
     rec = Record(kd)
-    learn = getattr(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), half)()
+    learn = getattr(Learner(dls, conv(), loss_func=CrossEntropyLossFlat()), half)()
     quiet_fit(learn, 2, cbs=[kd, rec])
     assert rec.rows and all(torch.isfinite(r[0]) for r in rec.rows)
     assert rec.rows[0][1] == (torch.float16 if half == 'to_fp16' else torch.bfloat16)
-    assert all(p.grad is None for p in kd.teacher.parameters())
-    assert next(learn.model.parameters()).is_cuda and next(kd.teacher.parameters()).is_cuda
+    assert all(p.grad is None for p in kd.teacher.model.parameters())
+    assert next(learn.model.parameters()).is_cuda and next(kd.teacher.model.parameters()).is_cuda
 
 
 @cuda
@@ -152,11 +154,12 @@ def test_no_teacher_activation_outlives_its_batch_on_cuda():
     "GPU memory after a distilled fit is back where it was before it, beyond the student's optimizer state"
     from conftest import toy_dls
     dls = toy_dls(); dls.to('cuda')
-    teacher = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 3)).cuda()
-    learn = Learner(dls, mlp().cuda(), loss_func=CrossEntropyLossFlat())
+    teacher = nn.Sequential(nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 4096, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                            nn.Flatten(), nn.Linear(4096, 3)).cuda()
+    learn = Learner(dls, conv().cuda(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1)  # optimizer state exists from here on
     torch.cuda.synchronize(); before = torch.cuda.memory_allocated()
-    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['0'], ['0'])
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'])
     quiet_fit(learn, 1, cbs=kd)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - before < 32 * 4096 * 4  # less than one batch of the teacher's hidden layer
+    assert torch.cuda.memory_allocated() - before < 32 * 4096 * 8 * 4  # less than one batch of the teacher's hidden layer
