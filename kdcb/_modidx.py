@@ -235,4 +235,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'kdcb.teachers._check_cacheable': ('teachers.html#_check_cacheable', 'kdcb/teachers.py'),
                                'kdcb.teachers._fingerprint': ('teachers.html#_fingerprint', 'kdcb/teachers.py'),
                                'kdcb.teachers._first_float': ('teachers.html#_first_float', 'kdcb/teachers.py'),
-                               'kdcb.teachers.as_teacher': ('teachers.html#as_teacher', 'kdcb/teachers.py')}}}
+                               'kdcb.teachers.as_teacher': ('teachers.html#as_teacher', 'kdcb/teachers.py')},
+            'kdcb.unlabelled': { 'kdcb.unlabelled.LabelledOnly': ('unlabelled.html#labelledonly', 'kdcb/unlabelled.py'),
+                                 'kdcb.unlabelled.LabelledOnly.__init__': ('unlabelled.html#labelledonly.__init__', 'kdcb/unlabelled.py'),
+                                 'kdcb.unlabelled.LabelledOnly.activation': ( 'unlabelled.html#labelledonly.activation',
+                                                                              'kdcb/unlabelled.py'),
+                                 'kdcb.unlabelled.LabelledOnly.decodes': ('unlabelled.html#labelledonly.decodes', 'kdcb/unlabelled.py'),
+                                 'kdcb.unlabelled.LabelledOnly.forward': ('unlabelled.html#labelledonly.forward', 'kdcb/unlabelled.py'),
+                                 'kdcb.unlabelled.add_unlabelled': ('unlabelled.html#add_unlabelled', 'kdcb/unlabelled.py')}}}
