@@ -1,7 +1,7 @@
 """Distillation recipes when the teacher has seen more data than the student: which ones beat training from the labels.
 
-Run: python benchmarks/recipes.py --probe            # the default grid (60 epochs, width 11): about 7 minutes on one CPU thread
-     python benchmarks/recipes.py --full              # student widths 6, 11, 22, 40 at 60 epochs (about 20 minutes)
+Run: python benchmarks/recipes.py --probe            # the default grid (60 epochs, width 11): about 6 minutes on one CPU thread
+     python benchmarks/recipes.py --full              # student widths 6, 11, 22, 40 at 60 epochs (about 15 minutes)
      python benchmarks/recipes.py --recipes scratch,kd:T=4:w=0.5,kd:T=2:w=0.5,kd:T=4:w=0.9:u --epochs 200  # longer
 
 The regime of kdcb issue 15: a `cnn1d(80)` teacher trained on 16,000 MNIST-1D signals (built locally, no download);
