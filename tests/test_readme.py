@@ -1,0 +1,18 @@
+"The README's quick start runs as written"
+import re
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_quick_start_runs(capsys):
+    readme = (ROOT / 'README.md').read_text()
+    quick = readme[readme.index('## Quick start'):readme.index('## Tutorials')]
+    blocks = re.findall(r'```python\n(.*?)```', quick, re.S)
+    assert len(blocks) == 2
+    env = {}
+    for b in blocks: exec(compile(b, 'README.md', 'exec'), env)
+    student, kd = env['student'], env['kd']
+    assert list(student.recorder.metric_names)[-3:] == ['task_loss', 'soft_target', 'time']
+    assert student.recorder.values[-1][2] > 0.5  # learned something (chance is 0.1); the benchmark measures how much
