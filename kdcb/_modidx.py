@@ -60,6 +60,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'kdcb.core.plain': ('core.html#plain', 'kdcb/core.py'),
                            'kdcb.core.register_loss': ('core.html#register_loss', 'kdcb/core.py')},
             'kdcb.demo': { 'kdcb.demo.EpochLog': ('demo.html#epochlog', 'kdcb/demo.py'),
+                           'kdcb.demo.EpochLog.__init__': ('demo.html#epochlog.__init__', 'kdcb/demo.py'),
+                           'kdcb.demo.EpochLog._top': ('demo.html#epochlog._top', 'kdcb/demo.py'),
                            'kdcb.demo.EpochLog.after_epoch': ('demo.html#epochlog.after_epoch', 'kdcb/demo.py'),
                            'kdcb.demo.EpochLog.before_batch': ('demo.html#epochlog.before_batch', 'kdcb/demo.py'),
                            'kdcb.demo.EpochLog.before_epoch': ('demo.html#epochlog.before_epoch', 'kdcb/demo.py'),

@@ -56,3 +56,14 @@ def test_python_m(tmp_path):
     assert r.returncode == 0, r.stderr
     assert '| student, soft_target |' in r.stdout and "'logs'" not in r.stdout
     assert (tmp_path / 'demo.png').exists()
+
+
+def test_labelled_mode(tmp_path):
+    "--labelled: the teacher sees every signal, students labels for some; distilled students get the rest unlabelled"
+    rows = run_demo(['--epochs', '2', '--seeds', '1', '--n-train', '512', '--labelled', '128', '--losses', 'soft_target,decoupled_kd',
+                     '--out', str(tmp_path), '--no-bar'])
+    assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, scratch, 4x steps',
+                                         'student, soft_target + unlabelled', 'student, decoupled_kd + unlabelled']
+    assert len(rows[2]['logs'][0].accs) == 8 and len(rows[3]['logs'][0].accs) == 2 # 2·4·128/512 epochs: 4x the steps of scratch
+    assert all(r['logs'][0].agree for r in rows[1:]) # agreement with the teacher, every student
+    with pytest.raises(SystemExit): run_demo(['--n-train', '512', '--labelled', '600'])
