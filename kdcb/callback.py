@@ -82,6 +82,15 @@ def _check_features(kd_loss:DistillationLoss, layers, teacher_layers, teacher:Te
 
 def _first_param(model:nn.Module): return next(model.parameters(), None)
 
+def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
+    "Losses that need each item's true class cannot follow MixUp/CutMix, whose items have two classes"
+    mix = [type(c).__name__ for c in learn.cbs if any(k.__name__ == 'MixHandler' for k in type(c).__mro__)]
+    labelled = [t.name for t in kd_loss.terms if getattr(t.loss, 'needs_labels', False)]
+    if mix and labelled: raise ValueError(
+        f"{mix[0]} mixes pairs of items, so each item has two classes, but {labelled} need one true class per item: they "
+        "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
+        "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
+
 class KnowledgeDistillationCallback(Callback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
@@ -109,7 +118,7 @@ class KnowledgeDistillationCallback(Callback):
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        self._loss_params, self.on = [], False
+        self._loss_params, self.on, self._snapshot, self._opt_state, self._last_opt_state = [], False, None, [], []
 
     @property
     def teacher(self)->TeacherSource|None: return self.__dict__.get('_teacher') # None after `load_learner`: nothing to distil
@@ -138,8 +147,17 @@ class KnowledgeDistillationCallback(Callback):
             self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
             self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
         if (p := _first_param(self.model)) is not None: self.kd_loss.to(p.device)
+        _check_mixing(self.learn, self.kd_loss)
+        if any(type(c).__name__ == 'LRFinder' for c in self.learn.cbs): # lr_find trains at rates up to 10: keep the loss parts
+            self._snapshot = {k: v.detach().clone() for k, v in self.kd_loss.state_dict().items()}
+
+    def before_train(self): # the losses' parameters join the optimizer once the fit has saved it (lr_find, checkpoints)
+        if self._loss_params or self.teacher is None or self.kd_loss is None or self.opt is None: return
         self._loss_params = [p for p in self.kd_loss.parameters() if p.requires_grad]
-        if self._loss_params and self.opt is not None: self.opt.param_lists[-1] += self._loss_params # trained with the student
+        self.opt.param_lists[-1] += self._loss_params # trained with the student, following its schedule
+        for p in self._loss_params: # a loaded optimizer keeps its state in a plain dict: give new parameters theirs
+            self.opt.state[p] = self._opt_state.pop(0) if self._opt_state else self.opt.state.get(p, {})
+        self._opt_state = []
 
     def before_batch(self):
         self.on = self.teacher is not None and self.kd_loss is not None and (self.training or self.distill_valid)
@@ -154,9 +172,9 @@ class KnowledgeDistillationCallback(Callback):
 
     def after_loss(self): # the losses, mixed into the task loss fastai computed
         if not self.on or not len(self.yb): return
-        task, dev = plain(self.learn.loss_grad), self.learn.loss_grad.device
-        mixed, terms = self.kd_loss(task, pred=output_tensor(self.pred, 'the student output'),
-                                    teacher_pred=output_tensor(self.teacher_pred, 'the teacher output'),
+        task, dev, axis = plain(self.learn.loss_grad), self.learn.loss_grad.device, self._class_axis()
+        pred, tpred = output_tensor(self.pred, 'the student output'), output_tensor(self.teacher_pred, 'the teacher output')
+        mixed, terms = self.kd_loss(task, pred=pred.movedim(axis, -1), teacher_pred=tpred.movedim(axis, -1),
                                     target=plain(self.yb[0]) if len(self.yb) == 1 else self.yb,
                                     fm_s=self.student_hooks.read() if self.student_hooks else {},
                                     fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
@@ -175,7 +193,18 @@ class KnowledgeDistillationCallback(Callback):
         for h in (self.student_hooks, self.teacher_hooks):
             if h: h.clear()
 
-    def after_fit(self): self._cleanup(self.learn)
+    def after_fit(self):
+        if self._snapshot is not None: self.kd_loss.load_state_dict(self._snapshot) # as before lr_find
+        self._cleanup(self.learn)
+
+    def _class_axis(self)->int: # where the classes are in the logits: the task loss says (`CrossEntropyLossFlat(axis=1)`)
+        lf = getattr(self.learn.loss_func, '__self__', None) # fastai's MixUp swaps in a bound method of its own
+        lf = getattr(lf, 'old_lf', self.learn.loss_func)
+        axis = getattr(lf, 'axis', None)
+        if axis is None and self.pred.ndim > 3: raise ValueError(
+            f"The student's logits have shape {tuple(self.pred.shape)}: say which axis holds the classes with a task loss "
+            "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
+        return -1 if axis is None else axis
 
     def _match_layers(self):
         "Pair layers on one batch of the learner's data (the validation set's: drawing it changes no shuffling state)"
@@ -190,24 +219,38 @@ class KnowledgeDistillationCallback(Callback):
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         if self.teacher is not None: self.teacher.exit()
         if self._loss_params and learn is not None and learn.opt is not None:
+            self._last_opt_state = [learn.opt.state.get(p, {}) for p in self._loss_params] # for `state_dict` after the fit
             ids = {id(p) for p in self._loss_params}
             learn.opt.param_lists[-1] = L(p for p in learn.opt.param_lists[-1] if id(p) not in ids)
-        self._loss_params, self.on = [], False
+        self._loss_params, self.on, self._snapshot = [], False, None
 
     def _init_state(self): # after unpickling (`load_learner`): no teacher, nothing hooked
         self.__dict__.update(_teacher=None, kd_loss=None, student_hooks=None, teacher_hooks=None, teacher_pred=None,
-                             _loss_params=[], on=False)
+                             _loss_params=[], on=False, _snapshot=None, _opt_state=[], _last_opt_state=[])
 
     @property
     def column_names(self)->list[str]: return self.columns.names # 'task_loss', then one per distillation loss
     def averages(self)->list: return self.columns.averages()
 
-    def state_dict(self)->dict:
-        "The state of the distillation losses (connectors, generators, regressors), to resume training"
-        return self.kd_loss.state_dict()
+    def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
+        "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
+        live = self._loss_params and self.learn is not None and self.opt is not None # during a fit
+        state = [self.opt.state.get(p, {}) for p in self._loss_params] if live else self._last_opt_state
+        return {'losses': self.kd_loss.state_dict(), 'optimizer': list(state) if any(state) else []}
 
     def load_state_dict(self, state:dict): # as returned by `state_dict`
-        "Load the losses' state saved by `state_dict` into a callback built with the same losses"
-        try: self.kd_loss.load_state_dict(state)
+        "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
+        try: self.kd_loss.load_state_dict(state['losses'])
         except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
             f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
+        self._opt_state = list(state.get('optimizer', []))
+
+    # fasterai's attribute names
+    @property
+    def weight(self): return self.kd_loss.weights[0] if len(self.kd_loss.weights) == 1 else self.kd_loss.weights
+    @property
+    def current_weight(self)->float: return sum(self.kd_loss.current) # the total distillation weight at this batch
+    @property
+    def activations_student(self): return self.student_layers
+    @property
+    def activations_teacher(self): return self.teacher_layers

@@ -12,8 +12,8 @@ from fastcore.basics import camel2snake
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['ScheduledLoss', 'check_positive', 'register_loss', 'available_losses', 'get_loss', 'get_module', 'plain',
-           'output_tensor', 'model_inputs']
+__all__ = ['ScheduledLoss', 'check_positive', 'register_loss', 'available_losses', 'get_loss', 'get_module', 'get_model_layers',
+           'plain', 'output_tensor', 'model_inputs']
 
 # %% ../nbs/00_core.ipynb #8159c67c
 class ScheduledLoss(nn.Module):
@@ -80,7 +80,15 @@ def get_module(model:nn.Module, # the model to look in
     raise AttributeError(f"{what} has no layer {name!r}. Closest layer names: {', '.join(map(repr, close))}. "
                          f"All names are in `dict({what}.named_modules())`.")
 
-# %% ../nbs/00_core.ipynb #aca8a86b
+# %% ../nbs/00_core.ipynb #23e4bce6
+def get_model_layers(model:nn.Module, # the model to list
+                     getLayerRepr:bool=False, # also give each layer's repr (fasterai's argument name)
+                    )->list[str]|dict[str, str]:
+    "The dotted names of `model`'s layers, in definition order (with their repr if `getLayerRepr`)"
+    named = [(n, m) for n, m in model.named_modules() if n]
+    return {n: repr(m) for n, m in named} if getLayerRepr else [n for n, _ in named]
+
+# %% ../nbs/00_core.ipynb #e3d2d611
 def plain(x):
     "A plain `torch.Tensor` view of fastai's tensor subclasses (same storage and graph); anything else unchanged"
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x

@@ -111,6 +111,7 @@ def _non_target_log_softmax(z:Tensor, y:Tensor)->Tensor:
 @register_loss
 class DecoupledKD(ScheduledLoss):
     "Zhao et al., CVPR 2022, 'Decoupled Knowledge Distillation': (α·TCKD + β·NCKD)·T²"
+    needs_labels = True # the true class of every item: refused under MixUp/CutMix
     def __init__(self, T:float|Callable=4., # temperature, or a schedule of training progress
                  alpha:float|Callable=1., # weight of the target-class term TCKD
                  beta:float|Callable=8., # weight of the non-target-class term NCKD
@@ -135,6 +136,7 @@ class NormalizedKD(ScheduledLoss):
     """Yang et al., ICCV 2023, 'From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
     Normalized Loss and Customized Soft Labels': L = −p_t(y)·log p_s(y) − γ·T²·Σ_{i≠y} p̂_t(i)·log p̂_s(i),
     where p = σ(z) and p̂ = σ(z/T) renormalised over the non-target classes i ≠ y"""
+    needs_labels = True # the true class of every item: refused under MixUp/CutMix
     def __init__(self, T:float|Callable=1., # temperature of the non-target distributions (the paper's λ)
                  gamma:float|Callable=1.5, # weight γ of the normalised non-target term
                  ignore_index:int=-100, # target value of positions to leave out
@@ -197,6 +199,7 @@ def mft_target(p:Tensor, # teacher probabilities (…, C)
 @register_loss
 class MFTLoss(ScheduledLoss):
     "Minifinetuning (arXiv 2506.15702) with Model Optimizer's API: KL(q ‖ σ(z_s/T))·T², q the label-corrected teacher"
+    needs_labels = True # the true class of every item: refused under MixUp/CutMix
     def __init__(self, temperature:float|Callable=1.0, # temperature, or a schedule of training progress
                  threshold:float=0.2, # τ in [0, 1]: how far the true class must lead in the corrected teacher
                  reduction:str='batchmean', # 'batchmean' (per position), 'mean' (per element), 'sum' or 'none'

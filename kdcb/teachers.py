@@ -10,6 +10,7 @@ from fastai.learner import Learner
 from fastai.data.load import DataLoader
 from fastai.torch_core import find_bs, to_device
 from fastcore.foundation import L
+import warnings
 from .core import *
 
 # %% auto #0
@@ -23,6 +24,14 @@ class TeacherSource:
     def __call__(self, xb:tuple): raise NotImplementedError # the teacher's output for inputs `xb`, without gradients
     def exit(self): "Undo what `enter` did; safe to call twice, and after a fit that raised"
 
+def _pipeline(dls)->list[str]|None: # the deterministic transforms a batch goes through, as readable strings
+    dl = getattr(dls, 'valid', None)
+    if dl is None: return None
+    def show(t):
+        extra = {k: [round(float(x), 4) for x in torch.as_tensor(getattr(t, k)).flatten()[:6]] for k in ('mean', 'std') if getattr(t, k, None) is not None}
+        return type(t).__name__ + (f' {extra}' if extra else '')
+    return [show(t) for p in (dl.after_item, dl.before_batch, dl.after_batch) for t in getattr(p, 'fs', [])]
+
 def _first_float(model:nn.Module)->Tensor|None:
     return next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
 
@@ -33,6 +42,7 @@ class FrozenTeacher(TeacherSource):
                  device:str|torch.device|None=None, # where it runs during a fit (default: the student's device)
                  dtype:torch.dtype|None=None, # convert it to this dtype during a fit, e.g. `torch.bfloat16`
                 ):
+        self._pipeline = _pipeline(model.dls) if isinstance(model, Learner) else None # checked against the student's
         model = model.model if isinstance(model, Learner) else model
         if not isinstance(model, nn.Module): raise TypeError(f"A teacher must be an nn.Module or a Learner, got {type(model).__name__}.")
         if dtype is not None and not dtype.is_floating_point: raise ValueError(f"teacher dtype {dtype} is not a floating-point type.")
@@ -40,6 +50,11 @@ class FrozenTeacher(TeacherSource):
 
     def enter(self, learn:Learner):
         self.exit()
+        if self._pipeline is not None and (mine := _pipeline(learn.dls)) is not None and mine != self._pipeline:
+            warnings.warn(f"The teacher's Learner prepares its inputs with {self._pipeline}, the student's with {mine}: the teacher "
+                          "sees the student's batches, so it may be far less accurate on them. Give both the same item and batch "
+                          "transforms (normalisation included), or distil from a teacher trained on the student's pipeline.")
+            self._pipeline = None # once
         p, s = _first_float(self.model), _first_float(learn.model)
         self._saved = (p.device, p.dtype) if p is not None else None
         self._out = s.device if s is not None else None # outputs go where the student is

@@ -141,3 +141,148 @@ def test_fasterai_partial_sets_hyper_parameters(dls):
     kd = KnowledgeDistillationCallback(mlp(h=32), partial(SoftTarget, T=2))
     assert kd.kd_loss.terms[0].loss.T == 2 and kd.column_names == ['task_loss', 'soft_target']
     quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
+
+
+# ---- fastai's tools with trainable loss parts: lr_find, save/load, export, resume ----
+def _fitnet_kd(teacher):
+    "FitNet through a connector: a loss part with parameters that train with the student"
+    return KnowledgeDistillationCallback(teacher, ['soft_target', Connected(FitNet(), Connectors({'1': nn.Conv1d(4, 8, 1)}))],
+                                         ['1'], ['1'], weight=[.4, .1])
+
+
+def test_lr_find_leaves_loss_parts_and_optimizer_as_before(dls, tmp_path):
+    import warnings
+    teacher = conv(8)
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    kd = _fitnet_kd(teacher)
+    learn.add_cb(kd)
+    quiet_fit(learn, 1)
+    parts = {k: v.clone() for k, v in kd.kd_loss.state_dict().items()}
+    model = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning) # "Could not load the optimizer state" would fail here
+        with learn.no_bar(), learn.no_logging(): learn.lr_find(show_plot=False)
+    assert all(torch.equal(v, kd.kd_loss.state_dict()[k]) for k, v in parts.items()) # the connector is as before lr_find
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in model.items())
+    before = learn.validate()[0]
+    quiet_fit(learn, 1)
+    assert learn.validate()[0] < before * 1.5 # training goes on from where it was, not from a connector wrecked at lr 10
+
+
+@pytest.mark.parametrize('how', ['save_load', 'export'])
+def test_fit_again_after_save_load_or_export(dls, tmp_path, how):
+    "Before: KeyError 'Parameter containing' (the loaded optimizer had no state for the loss parameters)"
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemGetter
+    items = list(dls.train.dataset) + list(dls.valid.dataset)
+    dls = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(192)), list(range(192, 256))]).dataloaders(bs=32)
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    kd = _fitnet_kd(conv(8))
+    quiet_fit(learn, 1, cbs=kd)
+    if how == 'export': learn.export('s.pkl')
+    else: learn.save('s', with_opt=True); learn.load('s', with_opt=True)
+    quiet_fit(learn, 1, cbs=kd)
+    assert learn.recorder.losses and all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
+
+
+def test_resume_restores_loss_parts_and_their_optimizer_state(dls, tmp_path):
+    "learn.save/load plus kd.state_dict() resume a fit: the connector's weights and its Adam moments come back"
+    import io
+    teacher = conv(8)
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    kd = _fitnet_kd(teacher)
+    quiet_fit(learn, 1, cbs=kd)
+    learn.save('ckpt', with_opt=True)
+    buf = io.BytesIO(); torch.save(kd.state_dict(), buf)
+    state = kd.state_dict()
+    assert state['optimizer'] and 'grad_avg' in state['optimizer'][0] # Adam's first moment
+    learn2 = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    learn2.create_opt(); learn2.load('ckpt', with_opt=True)
+    kd2 = _fitnet_kd(teacher)
+    buf.seek(0); kd2.load_state_dict(torch.load(buf))
+    for a, b in zip(kd.kd_loss.parameters(), kd2.kd_loss.parameters()): assert torch.equal(a, b)
+    seen = []
+    class Look(Callback):
+        order = 7
+        def before_batch(self):
+            if self.training and not seen: seen.append({k: v.clone() for k, v in learn2.opt.state[next(kd2.kd_loss.parameters())].items()
+                                                       if isinstance(v, torch.Tensor)})
+    quiet_fit(learn2, 1, cbs=[kd2, Look()])
+    ref = {k: v for k, v in state['optimizer'][0].items() if isinstance(v, torch.Tensor)}
+    assert seen and ref and all(torch.equal(seen[0][k], v) for k, v in ref.items()) # the moments came back before the first step
+
+
+def test_mixup_refuses_losses_that_need_labels(dls):
+    from fastai.callback.mixup import MixUp, CutMix
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match=r"MixUp mixes pairs of items.*\['decoupled_kd'\]"):
+        quiet_fit(learn, 1, cbs=[MixUp(), KnowledgeDistillationCallback(mlp(h=32), ['soft_target', 'decoupled_kd'])])
+    seen = []
+    teacher = mlp(h=32)
+    teacher.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    class Grab(Callback):
+        order = 6
+        def after_pred(self):
+            if self.training: seen.append(('student', self.xb[0]))
+    quiet_fit(learn, 1, cbs=[MixUp(), KnowledgeDistillationCallback(teacher, 'soft_target'), Grab()])
+    assert torch.equal(seen[0], seen[1][1]) # the teacher labels the mixed batch the student sees
+
+
+def test_a_teacher_learner_with_another_pipeline_is_named(tmp_path):
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemGetter, Normalize
+    items = list(toy_dls().train.dataset)
+    def dls(after_batch=None):
+        return Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(150)), list(range(150, 192))]).dataloaders(
+            bs=32, after_batch=after_batch)
+    tl = Learner(dls([Normalize(torch.full((1, 8), 2.), torch.full((1, 8), 3.))]), mlp(h=32), loss_func=CrossEntropyLossFlat())
+    with pytest.warns(UserWarning, match="The teacher's Learner prepares its inputs with .*Normalize"):
+        quiet_fit(Learner(dls(), mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=KnowledgeDistillationCallback(tl))
+    with warnings_as_errors(): # the same pipeline: no warning
+        quiet_fit(Learner(dls(), mlp(), loss_func=CrossEntropyLossFlat()), 1,
+                  cbs=KnowledgeDistillationCallback(Learner(dls(), mlp(h=32), loss_func=CrossEntropyLossFlat())))
+
+
+def warnings_as_errors():
+    import warnings
+    w = warnings.catch_warnings(); w.__enter__(); warnings.simplefilter('error', UserWarning)
+    class _Ctx:
+        def __enter__(self): return self
+        def __exit__(self, *a): w.__exit__(*a)
+    return _Ctx()
+
+
+class Seg(nn.Module):
+    "Per-position classifier on (B, 8) inputs seen as (B, 1, 8): (B, 3, 8) logits, classes on axis 1"
+    def __init__(self, w): super().__init__(); self.net = nn.Sequential(nn.Conv1d(1, w, 3, padding=1), nn.ReLU(), nn.Conv1d(w, 3, 1))
+    def forward(self, x): return self.net(x[:, None])[..., None] # (B, 3, 8, 1): a 2-D segmentation map
+
+
+def test_segmentation_logits_take_the_class_axis_from_the_task_loss():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = (x > 0).long()[..., None] + (x > 1).long()[..., None] # (B, 8, 1) classes per position
+    ds = list(zip(x, y))
+    dls = DataLoaders(DataLoader(ds[:48], bs=16, shuffle=True), DataLoader(ds[48:], bs=16))
+    teacher, seen = Seg(8), []
+    def grab(pred, teacher_pred, target): seen.append((pred.shape, target.shape)); return SoftTarget()(pred, teacher_pred, target)
+    learn = Learner(dls, Seg(4), loss_func=CrossEntropyLossFlat(axis=1))
+    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(teacher, grab))
+    assert seen[0] == ((16, 8, 1, 3), (16, 8, 1)) # classes moved last, positions match the targets
+    learn = Learner(dls, Seg(4), loss_func=lambda p, t: F.cross_entropy(p, t))
+    with pytest.raises(ValueError, match=r'say which axis holds the classes'):
+        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(teacher, 'soft_target'))
+
+
+def test_fasterai_attributes_and_helpers(dls):
+    from fastai.callback.schedule import SchedCos
+    kd = KnowledgeDistillationCallback(conv(8), Attention, activations_student=['1'], activations_teacher=['1'], weight=SchedCos(0., .5))
+    assert list(kd.activations_student) == ['1'] and list(kd.activations_teacher) == ['1'] and callable(kd.weight)
+    weights = []
+    class Look(Callback):
+        order = 6
+        def after_loss(self):
+            if self.training: weights.append((self.pct_train, kd.current_weight))
+    quiet_fit(Learner(dls, conv(), loss_func=CrossEntropyLossFlat()), 1, cbs=[kd, Look()])
+    assert all(w == pytest.approx(SchedCos(0., .5)(p)) for p, w in weights)
+    assert get_model_layers(conv())[:2] == ['0', '1']
