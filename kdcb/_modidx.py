@@ -133,6 +133,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdcb.distill._feature_term': ('distill.html#_feature_term', 'kdcb/distill.py'),
                               'kdcb.distill._loss_name': ('distill.html#_loss_name', 'kdcb/distill.py'),
                               'kdcb.distill._make': ('distill.html#_make', 'kdcb/distill.py'),
+                              'kdcb.distill._multiplier': ('distill.html#_multiplier', 'kdcb/distill.py'),
                               'kdcb.distill._weight_list': ('distill.html#_weight_list', 'kdcb/distill.py'),
                               'kdcb.distill.feature_pairs': ('distill.html#feature_pairs', 'kdcb/distill.py')},
             'kdcb.losses': { 'kdcb.losses.ActivationBoundaries': ('losses.html#activationboundaries', 'kdcb/losses.py'),

@@ -35,7 +35,13 @@ def _loss_name(loss)->str:
 def _make(loss):
     "A loss object from a registered name, a class, or fasterai's `partial(LossClass, T=2)`"
     if isinstance(loss, str): return get_loss(loss)
-    if isinstance(loss, type) or (isinstance(loss, functools.partial) and isinstance(loss.func, type)): return loss()
+    if isinstance(loss, functools.partial) and isinstance(loss.func, type):
+        bad = set(loss.keywords) - set(inspect.signature(loss.func).parameters)
+        if bad: raise TypeError(f"{loss.func.__name__} has no argument(s) {sorted(bad)}; it takes "
+            f"{list(inspect.signature(loss.func).parameters)}." + (" fasterai's `normalize=True` is not the NKD paper's loss: use "
+            "'normalized_kd' (`NormalizedKD`)." if 'normalize' in bad else ''))
+        return loss()
+    if isinstance(loss, type): return loss()
     if not callable(loss): raise TypeError(f"A loss must be callable, a registered name or a class; got {loss!r}.")
     return loss
 
@@ -122,6 +128,11 @@ def _weight_list(weight, n:int, names:list)->list:
     if each is not None: return each
     return [weight] if n == 1 else [(lambda p, w=weight: w(p)/n) if callable(weight) else weight/n] * n
 
+def _multiplier(schedule:Callable|None)->Callable|None:
+    "`schedule` as a callable of `pct_train`; fasterai's `Schedule` objects (`cos`, `lin`...) are called as `s(1., pct)`"
+    if schedule is None or not hasattr(schedule, 'sched_func'): return schedule
+    return lambda p: float(L(schedule(1., p))[0])
+
 class DistillationLoss(nn.Module):
     "Distillation losses with their weights, mixed into a task loss: (1 − Σ w_i)·task + Σ w_i·L_i"
     def __init__(self, losses:Callable|str|list, # registered name(s), loss class(es), object(s) or function(s)
@@ -133,7 +144,7 @@ class DistillationLoss(nn.Module):
         if not len(self.terms): raise ValueError("Give at least one distillation loss.")
         names = [t.name for t in self.terms]
         self.names = [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
-        self.weights, self.schedule = _weight_list(weight, len(self.terms), self.names), schedule
+        self.weights, self.schedule = _weight_list(weight, len(self.terms), self.names), _multiplier(schedule)
         for p in range(101): self.weights_at(p/100) # refuse bad weights now, not halfway through training
         self.set_progress(0.)
 
@@ -175,7 +186,7 @@ class DistillationLoss(nn.Module):
             "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
         return v
 
-# %% ../nbs/04_distill.ipynb #f37fb631
+# %% ../nbs/04_distill.ipynb #54001102
 class _LayerHook(Hook):
     "fastai's `Hook` keeping one layer's output (with its graph) from one forward pass"
     def __init__(self, m:nn.Module, name:str, owner:FeatureHooks):

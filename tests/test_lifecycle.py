@@ -286,3 +286,14 @@ def test_fasterai_attributes_and_helpers(dls):
     quiet_fit(Learner(dls, conv(), loss_func=CrossEntropyLossFlat()), 1, cbs=[kd, Look()])
     assert all(w == pytest.approx(SchedCos(0., .5)(p)) for p, w in weights)
     assert get_model_layers(conv())[:2] == ['0', '1']
+
+
+def test_fasterai_schedule_objects_and_partials(dls):
+    "fasterai's `Schedule` objects are called as `s(end, pct)` and return a list; its `normalize=True` is not NKD"
+    class Sched: # fasterai's interface
+        sched_func = staticmethod(lambda start, end, pos: start + (end - start) * pos)
+        def __call__(self, end, pct_train): return [self.sched_func(0., end, pct_train)]
+    kd = KnowledgeDistillationCallback(mlp(h=32), 'soft_target', weight=0.8, schedule=Sched())
+    quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
+    assert kd.kd_loss.weights_at(0.5) == pytest.approx([0.4]) and kd.kd_loss.weights_at(1.) == pytest.approx([0.8])
+    with pytest.raises(TypeError, match="use 'normalized_kd'"): KnowledgeDistillationCallback(mlp(h=32), partial(DecoupledKD, normalize=True))
