@@ -130,6 +130,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdcb.distill._LayerHook': ('distill.html#_layerhook', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook.__init__': ('distill.html#_layerhook.__init__', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook.hook_fn': ('distill.html#_layerhook.hook_fn', 'kdcb/distill.py'),
+                              'kdcb.distill._LayerHook.reattach': ('distill.html#_layerhook.reattach', 'kdcb/distill.py'),
                               'kdcb.distill._feature_term': ('distill.html#_feature_term', 'kdcb/distill.py'),
                               'kdcb.distill._loss_name': ('distill.html#_loss_name', 'kdcb/distill.py'),
                               'kdcb.distill._make': ('distill.html#_make', 'kdcb/distill.py'),

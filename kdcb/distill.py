@@ -190,8 +190,11 @@ class DistillationLoss(nn.Module):
 class _LayerHook(Hook):
     "fastai's `Hook` keeping one layer's output (with its graph) from one forward pass"
     def __init__(self, m:nn.Module, name:str, owner:FeatureHooks):
-        self.name, self.owner = name, owner
+        self.name, self.owner, self.module = name, owner, m
         super().__init__(m, None, detach=False)
+
+    def reattach(self): # register again after `remove`: cheaper than a new `Hook` for every teacher forward pass
+        if self.removed: self.hook, self.removed = self.module.register_forward_hook(self.hook_fn), False
 
     def hook_fn(self, module, input, output):
         if not self.owner.collecting: return
@@ -211,7 +214,8 @@ class FeatureHooks:
 
     def attach(self)->FeatureHooks:
         "Register the hooks (again, after `detach`)"
-        if not self.hooks or self.hooks[0].removed: self.hooks = [_LayerHook(m, n, self) for m, n in zip(self.modules, self.names)]
+        if not self.hooks: self.hooks = [_LayerHook(m, n, self) for m, n in zip(self.modules, self.names)]
+        for h in self.hooks: h.reattach()
         return self
 
     def read(self, device=None)->dict[str, Tensor]: # layer name -> its output, as a plain tensor
