@@ -20,7 +20,7 @@ setup(
     keywords=cfg['keywords'].split(),
     packages=find_packages(include=[lib, lib+'.*']),
     install_requires=cfg['requirements'].split(),
-    extras_require={'demo': cfg['demo_requirements'].split(),
+    extras_require={'demo': cfg['demo_requirements'].split(), 'hf': cfg['hf_requirements'].split(),
                     'dev': cfg['demo_requirements'].split() + cfg['dev_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f'{lib}={lib}._modidx:d']},
     classifiers=[f"Development Status :: {cfg['status']} - {statuses[int(cfg['status'])]}",

@@ -4,6 +4,7 @@
 
 # %% ../nbs/03_teachers.ipynb #05462f4c
 from __future__ import annotations
+from typing import Callable
 import torch
 from torch import nn, Tensor
 from fastai.learner import Learner
@@ -14,7 +15,7 @@ import warnings
 from .core import *
 
 # %% auto #0
-__all__ = ['TeacherSource', 'FrozenTeacher', 'TeacherEnsemble', 'CachedTeacher', 'as_teacher']
+__all__ = ['TeacherSource', 'FrozenTeacher', 'TeacherEnsemble', 'FunctionTeacher', 'CachedTeacher', 'as_teacher']
 
 # %% ../nbs/03_teachers.ipynb #b4d48b5c
 class TeacherSource:
@@ -95,6 +96,19 @@ class TeacherEnsemble(TeacherSource):
     def exit(self):
         for t in self.teachers: t.exit()
 
+# %% ../nbs/03_teachers.ipynb #5d691c7b
+class FunctionTeacher(TeacherSource):
+    "A plain callable as teacher: `fn(*xb)` under `torch.no_grad()`, outputs only (no layers to hook)"
+    model = None # a function has no layers that feature losses could hook
+    def __init__(self, fn, # called as `fn(*xb)`; returns a tensor, a tuple, a dict or a `ModelOutput`
+                ):
+        if not callable(fn) or isinstance(fn, (nn.Module, Learner)): raise TypeError(
+            f"FunctionTeacher wraps a plain callable, got {type(fn).__name__}; pass a model or a Learner to `as_teacher` instead.")
+        self.fn = fn
+
+    def __call__(self, xb:tuple):
+        with torch.no_grad(): return self.fn(*xb)
+
 # %% ../nbs/03_teachers.ipynb #aa04ff7f
 def _check_cacheable(dl):
     "Refuse to cache teacher outputs when the training inputs are randomly augmented"
@@ -152,7 +166,7 @@ class CachedTeacher(TeacherSource):
         self.learn = None
 
 # %% ../nbs/03_teachers.ipynb #c1d35c93
-def as_teacher(teacher:nn.Module|Learner|list|TeacherSource, # a model, a `Learner`, a list of them, or a teacher source
+def as_teacher(teacher:nn.Module|Learner|list|TeacherSource|Callable, # a model, a `Learner`, a list of them, a teacher source or a function
                weights:list[float]|None=None, # several teachers: weights of their outputs' mean
                feature_index:int=0, # several teachers: the one whose layers are hooked
                device:str|torch.device|None=None, # where the teacher runs (default: the student's device)
@@ -166,5 +180,6 @@ def as_teacher(teacher:nn.Module|Learner|list|TeacherSource, # a model, a `Learn
         src = teacher
     elif isinstance(teacher, (list, tuple, L)) and (len(teacher) > 1 or weights is not None or feature_index):
         src = TeacherEnsemble(list(teacher), weights, feature_index, device, dtype)
+    elif callable(teacher) and not isinstance(teacher, (nn.Module, Learner)): src = FunctionTeacher(teacher) # a plain function
     else: src = FrozenTeacher(teacher[0] if isinstance(teacher, (list, tuple, L)) else teacher, device, dtype)
     return CachedTeacher(src) if cache else src

@@ -45,6 +45,7 @@ def test_wheel_metadata(tmp_path):
     for r in s['requirements'].split(): assert f'Requires-Dist: {r}\n' in meta, r
     for r in s['dev_requirements'].split() + s['demo_requirements'].split(): assert f'Requires-Dist: {r}; extra == "dev"' in meta, r
     for r in s['demo_requirements'].split(): assert f'Requires-Dist: {r}; extra == "demo"' in meta, r
+    for r in s['hf_requirements'].split(): assert f'Requires-Dist: {r}; extra == "hf"' in meta, r
     assert 'kdcb-demo = kdcb.demo:main' in eps
     from trove_classifiers import classifiers as official  # PyPI refuses an upload with any other classifier
     ours = [l.removeprefix('Classifier: ') for l in meta.splitlines() if l.startswith('Classifier: ')]
