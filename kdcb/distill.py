@@ -18,8 +18,9 @@ __all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Dist
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
-             target='target', labels='target', fm_s='fm_s', fm_t='fm_t', out_s='fm_s', out_t='fm_t')
-SOURCES = ('pred', 'teacher_pred', 'target', 'fm_s', 'fm_t') # what the callback offers every loss
+             target='target', labels='target', fm_s='fm_s', fm_t='fm_t', out_s='fm_s', out_t='fm_t',
+             attention_mask='attention_mask')
+SOURCES = ('pred', 'teacher_pred', 'target', 'fm_s', 'fm_t', 'attention_mask') # what the callback offers every loss
 
 def feature_pairs(fm_s:dict, fm_t:dict)->list[tuple[tuple, tuple]]:
     "The ((student name, map), (teacher name, map)) pairs in order; unequal counts are an error, not a silent `zip`"
@@ -60,7 +61,7 @@ class LossTerm(nn.Module):
         if bad: raise TypeError(f"Loss {self.name!r} requires argument(s) {bad} that the callback cannot provide. "
                                 f"A loss may ask for: {', '.join(_ARGS)}; give other parameters defaults.")
         self.args = {p.name: _ARGS[p.name] for p in named if p.name in _ARGS}
-        if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES}, **self.args}
+        if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES[:5]}, **self.args} # the mask: by name only
         self.per_pair = bool({'out_s', 'out_t'} & set(self.args))
         if self.per_pair and ({'fm_s', 'fm_t'} & set(self.args) or not {'out_s', 'out_t'} <= set(self.args)):
             raise TypeError(f"Loss {self.name!r} must ask for both single feature maps `out_s, out_t` "
@@ -72,7 +73,8 @@ class LossTerm(nn.Module):
 
     def forward(self, **sources)->Tensor:
         "The loss on `sources`; for a loss of one pair, the (weighted) sum over the layer pairs"
-        kw = {k: sources[src] for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
+        kw = {k: sources.get(src) if src == 'attention_mask' else sources[src] # the mask is optional: None when there is none
+              for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
         if not self.per_pair: return self.loss(**kw)
         pairs = feature_pairs(sources['fm_s'], sources['fm_t'])
         w = self.pair_weights or [1.]*len(pairs)
@@ -90,7 +92,7 @@ class LossTerm(nn.Module):
 # %% ../nbs/04_distill.ipynb #f8bac163
 def _feature_term(loss, what:str)->LossTerm:
     term = LossTerm(loss)
-    if not term.sources or term.sources - {'fm_s', 'fm_t'}: raise TypeError(
+    if not term.sources & {'fm_s', 'fm_t'} or term.sources - {'fm_s', 'fm_t', 'attention_mask'}: raise TypeError(
         f"{what} wraps feature losses, which take `fm_s, fm_t` (or `out_s, out_t`) only; {term.name!r} "
         f"asks for {sorted(term.args)}. Give other losses to the callback directly.")
     return term
@@ -117,8 +119,8 @@ class Connected(nn.Module):
         self.term, self.connectors = _feature_term(loss, 'Connected'), connectors
         self.__name__ = f'connected_{self.term.name}' # the callback's column name
 
-    def forward(self, fm_s:dict, fm_t:dict)->Tensor:
-        return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t)
+    def forward(self, fm_s:dict, fm_t:dict, attention_mask:Tensor|None=None)->Tensor: # the mask reaches losses that ask for it
+        return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t, attention_mask=attention_mask)
 
 # %% ../nbs/04_distill.ipynb #c26b4339
 def _weight_list(weight, n:int, names:list)->list:
