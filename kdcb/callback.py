@@ -111,6 +111,9 @@ class KnowledgeDistillationCallback(Callback):
                  teacher_device:str|torch.device|None=None, # where the teacher runs (default: the student's device)
                  teacher_dtype:torch.dtype|None=None, # convert the teacher to this dtype for the fit, e.g. `torch.bfloat16`
                  cache_teacher:bool=False, # reuse the teacher's outputs per item from the 2nd epoch on (deterministic inputs only)
+                 output_fn:Callable|None=None, # what output losses compare, from a model's output (default `output_tensor`: `.logits` or the first tensor)
+                 shift_labels:bool=False, # causal LMs with `labels = input_ids` (Hugging Face's convention): logit i is scored against target i+1
+                 attention_mask:int|Callable|None=None, # the batch's (B, L) mask, 0 for padding: index into `xb`, or a function of `xb`
                 ):
         self.student_layers, self.teacher_layers = _layer_names(student_layers, teacher_layers, activations_student, activations_teacher)
         self.teacher = as_teacher(teacher, teacher_weights, feature_teacher, teacher_device, teacher_dtype, cache_teacher)
@@ -119,6 +122,7 @@ class KnowledgeDistillationCallback(Callback):
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         self._loss_params, self.on, self._snapshot, self._opt_state, self._last_opt_state = [], False, None, [], []
+        self.output_fn, self.shift_labels, self.attention_mask = output_fn, shift_labels, attention_mask
 
     @property
     def teacher(self)->TeacherSource|None: return self.__dict__.get('_teacher') # None after `load_learner`: nothing to distil
@@ -172,16 +176,42 @@ class KnowledgeDistillationCallback(Callback):
 
     def after_loss(self): # the losses, mixed into the task loss fastai computed
         if not self.on or not len(self.yb): return
-        task, dev, axis = plain(self.learn.loss_grad), self.learn.loss_grad.device, self._class_axis()
-        pred, tpred = output_tensor(self.pred, 'the student output'), output_tensor(self.teacher_pred, 'the teacher output')
-        mixed, terms = self.kd_loss(task, pred=pred.movedim(axis, -1), teacher_pred=tpred.movedim(axis, -1),
-                                    target=plain(self.yb[0]) if len(self.yb) == 1 else self.yb,
+        task, dev = plain(self.learn.loss_grad), self.learn.loss_grad.device
+        mixed, terms = self.kd_loss(task, **self.output_sources(),
                                     fm_s=self.student_hooks.read() if self.student_hooks else {},
                                     fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
         cls = type(self.learn.loss_grad) # fastai's loss type (e.g. `TensorBase`), which its callbacks may expect
         self.learn.loss_grad = mixed.to(task.dtype).as_subclass(cls)
         self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
         if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
+
+    def output_sources(self)->dict: # `pred`, `teacher_pred`, `target` and `attention_mask` as the losses receive them
+        "The outputs and target of this batch, aligned (`shift_labels`) and with padding masked as `ignore_index` (-100)"
+        pred, tp = self._output(self.pred, 'the student output'), self._output(self.teacher_pred, 'the teacher output')
+        axis = self._class_axis(pred)
+        pred, tp = pred.movedim(axis, -1), tp.movedim(axis, -1) # output losses take the classes last
+        target, am = plain(self.yb[0]) if len(self.yb) == 1 else self.yb, self._attention_mask()
+        if self.shift_labels:
+            if not isinstance(target, Tensor) or target.ndim < 2 or pred.ndim < 3: raise ValueError(
+                f"shift_labels=True aligns (B, L, V) logits with (B, L) labels, got logits {tuple(pred.shape)} and target "
+                f"{getattr(target, 'shape', type(target).__name__)}: use it for causal language models only.")
+            pred, tp, target = pred[:, :-1], tp[:, :-1], target[:, 1:] # logit i predicts token i+1
+        if am is not None and isinstance(target, Tensor) and not target.is_floating_point():
+            keep = am[:, 1:] if self.shift_labels else am # the mask of the predicted token
+            if keep.shape != target.shape: raise ValueError(f"attention_mask {tuple(am.shape)} does not fit the target "
+                                                            f"{tuple(self.yb[0].shape)}: it must be (B, L) like the token ids.")
+            target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
+        return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am)
+
+    def _output(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
+
+    def _attention_mask(self)->Tensor|None:
+        a = self.attention_mask
+        if a is None: return None
+        if callable(a): return plain(a(self.xb))
+        if not -len(self.xb) <= a < len(self.xb): raise IndexError(
+            f"attention_mask={a} is an index into the batch inputs `xb`, which hold {len(self.xb)} tensor(s).")
+        return plain(self.xb[a])
 
     def after_backward(self): # the losses' parameters live outside the DDP-wrapped model: average their gradients
         if self._loss_params and dist.is_available() and dist.is_initialized():
@@ -197,12 +227,12 @@ class KnowledgeDistillationCallback(Callback):
         if self._snapshot is not None: self.kd_loss.load_state_dict(self._snapshot) # as before lr_find
         self._cleanup(self.learn)
 
-    def _class_axis(self)->int: # where the classes are in the logits: the task loss says (`CrossEntropyLossFlat(axis=1)`)
+    def _class_axis(self, pred:Tensor)->int: # where the classes are in the logits `pred`: the task loss says (`CrossEntropyLossFlat(axis=1)`)
         lf = getattr(self.learn.loss_func, '__self__', None) # fastai's MixUp swaps in a bound method of its own
         lf = getattr(lf, 'old_lf', self.learn.loss_func)
         axis = getattr(lf, 'axis', None)
-        if axis is None and self.pred.ndim > 3: raise ValueError(
-            f"The student's logits have shape {tuple(self.pred.shape)}: say which axis holds the classes with a task loss "
+        if axis is None and pred.ndim > 3: raise ValueError(
+            f"The student's logits have shape {tuple(pred.shape)}: say which axis holds the classes with a task loss "
             "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
         return -1 if axis is None else axis
 
