@@ -92,8 +92,8 @@ class LossTerm(nn.Module):
 # %% ../nbs/04_distill.ipynb #f8bac163
 def _feature_term(loss, what:str)->LossTerm:
     term = LossTerm(loss)
-    if not term.sources & {'fm_s', 'fm_t'} or term.sources - {'fm_s', 'fm_t', 'attention_mask'}: raise TypeError(
-        f"{what} wraps feature losses, which take `fm_s, fm_t` (or `out_s, out_t`) only; {term.name!r} "
+    if not term.sources & {'fm_s', 'fm_t'} or term.sources - {'fm_s', 'fm_t', 'target', 'attention_mask'}: raise TypeError(
+        f"{what} wraps feature losses, which take `fm_s, fm_t` (or `out_s, out_t`) and optionally `target`, `attention_mask`; {term.name!r} "
         f"asks for {sorted(term.args)}. Give other losses to the callback directly.")
     return term
 
@@ -104,11 +104,11 @@ class PerPair(nn.Module):
         super().__init__()
         self.terms = nn.ModuleList([_feature_term(l, 'PerPair') for l in losses])
 
-    def forward(self, fm_s:dict, fm_t:dict)->Tensor:
+    def forward(self, fm_s:dict, fm_t:dict, target=None, attention_mask:Tensor|None=None)->Tensor:
         pairs = feature_pairs(fm_s, fm_t)
         if len(pairs) != len(self.terms): raise ValueError(
             f"PerPair has {len(self.terms)} losses for {len(pairs)} layer pairs: give one loss per pair.")
-        return sum(term(fm_s=dict([s]), fm_t=dict([t])) for term, (s, t) in zip(self.terms, pairs))
+        return sum(term(fm_s=dict([s]), fm_t=dict([t]), target=target, attention_mask=attention_mask) for term, (s, t) in zip(self.terms, pairs))
 
 class Connected(nn.Module):
     "Feature loss `loss` applied after `connectors` map the student's features to the teacher's widths"
@@ -119,8 +119,8 @@ class Connected(nn.Module):
         self.term, self.connectors = _feature_term(loss, 'Connected'), connectors
         self.__name__ = f'connected_{self.term.name}' # the callback's column name
 
-    def forward(self, fm_s:dict, fm_t:dict, attention_mask:Tensor|None=None)->Tensor: # the mask reaches losses that ask for it
-        return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t, attention_mask=attention_mask)
+    def forward(self, fm_s:dict, fm_t:dict, target=None, attention_mask:Tensor|None=None)->Tensor: # masks reach losses that ask for them
+        return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t, target=target, attention_mask=attention_mask)
 
 # %% ../nbs/04_distill.ipynb #c26b4339
 def _weight_list(weight, n:int, names:list)->list:

@@ -391,13 +391,16 @@ class HiddenStateCosine(ScheduledLoss):
                 ):
         super().__init__(); store_attr()
 
-    def forward(self, out_s:Tensor, out_t:Tensor, target:Tensor|None=None)->Tensor:
+    def forward(self, out_s:Tensor, out_t:Tensor, target:Tensor|None=None,
+                attention_mask:Tensor|None=None, # (B, L), 0 for padding: used instead of `target` when given
+               )->Tensor:
         if out_s.ndim > 3 or out_s.shape != out_t.shape: raise ValueError(
             f"HiddenStateCosine compares hidden states (B, L, D) or embeddings (B, D) of equal shape; got student "
             f"{tuple(out_s.shape)} and teacher {tuple(out_t.shape)}. Hook layers of equal width, add a connector, or use "
             "`Similarity`/`PKT`/`RKD` for feature maps of different shapes.")
         cos = F.cosine_similarity(_f32(out_s), _f32(out_t.detach()), dim=-1)
         mask = target if isinstance(target, Tensor) and target.shape == cos.shape else None
+        if attention_mask is not None: mask = torch.where(attention_mask != 0, 0, self.ignore_index) # padding as ignored labels
         return masked_mean(1 - cos, mask, self.ignore_index)
 
 # %% ../nbs/01_losses.ipynb #f8fe78df
