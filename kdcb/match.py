@@ -11,7 +11,8 @@ from torch import nn, Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['Probe', 'PairRow', 'fmt_resolution', 'probe_model', 'LayerPairs', 'match_feature_layers', 'Connectors', 'auto_pairs']
+__all__ = ['Probe', 'PairRow', 'fmt_resolution', 'probe_model', 'LayerPairs', 'match_feature_layers', 'Connectors', 'block_list',
+           'depth_pairs', 'auto_pairs']
 
 # %% ../nbs/02_match.ipynb #f8eb46eb
 _KINDS = ('auto', 'conv', 'tokens')
@@ -195,6 +196,49 @@ class Connectors(nn.Module):
     def forward(self, fm_s:dict[str, Tensor])->dict[str, Tensor]: # the student features, mapped where a connector exists
         "Apply each layer's connector to the student features `fm_s` (layer name -> tensor)"
         return {n: self[n](f) if n in self else f for n, f in fm_s.items()}
+
+# %% ../nbs/02_match.ipynb #8ce2fb7c
+def block_list(model:nn.Module, # a transformer (or any model with a stack of blocks)
+              )->str: # the stack's name, as in `model.named_modules()`
+    "The name of `model`'s longest `nn.ModuleList` whose modules are all of one type: its stack of blocks"
+    cands = [(len(m), n) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    if not cands: raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to pair by depth; "
+                                   "pass the layer names to `KnowledgeDistillationCallback` yourself.")
+    return max(cands, key=lambda c: c[0])[1] # the first of the longest, in module order
+
+def _depth_map(S:int, T:int, mapping)->dict[int, int]:
+    if isinstance(mapping, dict):
+        bad = {s: t for s, t in mapping.items() if not (0 <= s < S and 0 <= t < T)}
+        if bad: raise ValueError(f"mapping {bad} is out of range: the student has blocks 0..{S-1}, the teacher 0..{T-1}.")
+        return dict(mapping)
+    if mapping not in ('uniform', 'skip', 'last'): raise ValueError(
+        f"mapping={mapping!r} is not one of 'uniform', 'skip', 'last' or a dict {{student_index: teacher_index}}.")
+    if S > T: raise ValueError(f"The student has more blocks ({S}) than the teacher ({T}): give a dict mapping.")
+    f = {'uniform': lambda i: (i+1)*T//S - 1, 'skip': lambda i: i*T//S, 'last': lambda i: T - S + i}[mapping]
+    return {i: f(i) for i in range(S)}
+
+def depth_pairs(student:nn.Module, # the student transformer
+                teacher:nn.Module, # the teacher transformer
+                sample_input=None, # optional input (as for `match_feature_layers`) to record the shapes, for `connectors()`
+                mapping:str|dict='uniform', # 'uniform', 'skip', 'last', or {student block index: teacher block index}
+                student_blocks:str|None=None, # the student's stack of blocks (default: found by `block_list`)
+                teacher_blocks:str|None=None, # the teacher's stack of blocks (default: found by `block_list`)
+               )->LayerPairs:
+    "Pair the blocks of two transformers by depth, never their embeddings or logits"
+    t0 = time.perf_counter()
+    sb, tb = student_blocks or block_list(student), teacher_blocks or block_list(teacher)
+    S, T = len(get_module(student, sb, 'student')), len(get_module(teacher, tb, 'teacher'))
+    m = _depth_map(S, T, mapping)
+    names = [(f'{sb}.{s}', f'{tb}.{t}') for s, t in sorted(m.items())]
+    shapes = {}
+    if sample_input is not None:
+        for what, model in (('student', student), ('teacher', teacher)):
+            recs = probe_model(model, sample_input, 'tokens')
+            shapes[what] = {n: r.shape for n, r in recs.items()}
+    rows = [PairRow(('tokens', shapes['student'][s][1]) if shapes and shapes['student'].get(s) else ('tokens', None),
+                    s, shapes.get('student', {}).get(s), t, shapes.get('teacher', {}).get(t)) for s, t in names]
+    return LayerPairs(rows, seconds=time.perf_counter() - t0)
 
 # %% ../nbs/02_match.ipynb #b172f10f
 def auto_pairs(student:nn.Module, # the student (the learner's model)
