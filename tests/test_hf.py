@@ -1,0 +1,159 @@
+"Hugging Face transformers built from configs (nothing downloaded) distilled through the plain callback"
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from kdcb.callback import KnowledgeDistillationCallback
+from kdcb.distill import Connected
+from kdcb.losses import SoftTarget, HiddenStateCosine
+from kdcb.match import depth_pairs
+from kdcb.teachers import FunctionTeacher
+from conftest import quiet_fit
+
+transformers = pytest.importorskip('transformers')
+transformers.logging.set_verbosity_error()
+V = 24
+
+
+def gpt2(layers, d, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert(layers, d, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=d, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=2 * d, max_position_embeddings=32, hidden_dropout_prob=0., attention_probs_dropout_prob=0.)
+    return transformers.BertForMaskedLM(cfg)
+
+
+def causal_dls(n=64, L=12, bs=16):
+    "labels = input_ids (Hugging Face's convention), with some positions not scored"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (n, L), generator=g)
+    labels = ids.clone(); labels[:, :3] = -100 # e.g. a prompt whose tokens are not learned
+    ds = list(zip(ids, labels))
+    return DataLoaders(DataLoader(ds[:48], bs=bs, shuffle=True), DataLoader(ds[48:], bs=bs))
+
+
+def hf_causal_loss(out, y): # the model's own loss, independently: logits 0..L-2 against labels 1..L-1
+    return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
+
+
+class Last(Callback):
+    "The mixed loss, the student's logits and the batch after the distillation callback"
+    order = 6
+    def after_loss(self):
+        if self.training: self.batch = (self.learn.loss_grad.detach(), self.pred.logits.detach(), *self.xb, *self.yb)
+
+
+def kl_tokens(zs, zt, keep, T):
+    p = F.softmax(zt / T, -1)
+    return ((p * (F.log_softmax(zt / T, -1) - F.log_softmax(zs / T, -1))).sum(-1)[keep].mean() * T ** 2)
+
+
+def test_gpt2_end_to_end_shifted_labels():
+    teacher, student = gpt2(2, 32, 0), gpt2(1, 16, 1)
+    kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=2), weight=0.5, shift_labels=True)
+    learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=[kd, spy := Last()])
+    w0 = [p.detach().clone() for p in teacher.parameters()]
+    quiet_fit(learn, 1, 1e-3)
+    mixed, zs, x, y = spy.batch
+    teacher.eval()
+    with torch.no_grad():
+        zt = teacher(x).logits
+    keep = y[:, 1:] != -100
+    # the task term is the model's own loss with `labels=input_ids`; the KD term uses the same alignment and mask
+    with torch.no_grad(): ref_task = F.cross_entropy(zs[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
+    test_ref = 0.5 * ref_task + 0.5 * kl_tokens(zs[:, :-1], zt[:, :-1], keep, 2.)
+    assert torch.allclose(mixed, test_ref, atol=1e-5), (mixed, test_ref)
+    # unshifted masking would keep a different set of positions: the shift matters here
+    assert not torch.allclose(kl_tokens(zs[:, :-1], zt[:, :-1], keep, 2.), kl_tokens(zs, zt, y != -100, 2.))
+    assert all(torch.equal(a, b) for a, b in zip(w0, teacher.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert learn.recorder.metric_names[-3:] == ['task_loss', 'soft_target', 'time']
+
+
+def test_hf_labels_match_the_models_own_loss():
+    "The shifted task loss the tests use is what GPT-2 computes itself from labels = input_ids"
+    m, (x, y) = gpt2(1, 16, 0).eval(), causal_dls().one_batch()
+    with torch.no_grad(): assert torch.allclose(m(x, labels=y).loss, hf_causal_loss(m(x), y), atol=1e-6)
+
+
+def test_function_teacher_and_output_fn():
+    teacher, student = gpt2(2, 32, 0).eval(), gpt2(1, 16, 1)
+    fn = lambda ids: teacher(input_ids=ids) # a plain callable, e.g. one passing keyword arguments
+    kd = KnowledgeDistillationCallback(fn, SoftTarget(T=1), weight=0.5, shift_labels=True, output_fn=lambda o: o.logits / 2)
+    assert isinstance(kd.teacher, FunctionTeacher)
+    learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=[kd, spy := Last()])
+    quiet_fit(learn, 1, 1e-3)
+    mixed, zs, x, y = spy.batch
+    with torch.no_grad(): zt = teacher(x).logits
+    keep = y[:, 1:] != -100
+    ref = 0.5 * hf_causal_loss(type('O', (), {'logits': zs})(), y) + 0.5 * kl_tokens(zs[:, :-1] / 2, zt[:, :-1] / 2, keep, 1.)
+    assert torch.allclose(mixed, ref, atol=1e-5)
+
+
+def test_shift_labels_refuses_class_outputs(dls):
+    from conftest import mlp
+    from fastai.losses import CrossEntropyLossFlat
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillationCallback(mlp(), shift_labels=True))
+    with pytest.raises(ValueError, match='causal language models only'): quiet_fit(learn)
+
+
+def test_gpt2_depth_pairs_skip_the_logits():
+    s, t = gpt2(2, 16, 0), gpt2(4, 32, 1)
+    pairs = depth_pairs(s, t, torch.randint(0, V, (2, 8)))
+    assert pairs == {'student': ['transformer.h.0', 'transformer.h.1'], 'teacher': ['transformer.h.1', 'transformer.h.3']}
+    assert [r.teacher_shape for r in pairs.rows] == [(2, 8, 32)] * 2
+    assert [type(c).__name__ for c in pairs.connectors().maps.values()] == ['Linear', 'Linear']
+
+
+def padded_mlm_dls(pad_tokens, n=32, L=10, bs=8):
+    "Masked-LM batches (input_ids, attention_mask) -> labels; the second half of every other sequence is padding"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (n, L), generator=g)
+    mask = torch.ones_like(ids); mask[::2, L // 2:] = 0
+    ids = torch.where(mask == 1, ids, pad_tokens[:n, :L])
+    labels = torch.full_like(ids, -100); labels[:, 1::3] = ids[:, 1::3]; labels[mask == 0] = -100
+    ds = list(zip(ids, mask, labels))
+    return DataLoaders(DataLoader(ds, bs=bs, shuffle=True), DataLoader(ds, bs=bs))
+
+
+def mlm_loss(out, y): return F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize('use_mask', [True, False])
+def test_bert_hidden_states_with_attention_mask(use_mask):
+    "BERT student/teacher, blocks paired by depth, DistilBERT's cosine behind connectors: padding is left out with the mask"
+    s, t = bert(2, 16, 0), bert(4, 32, 1)
+    pairs = depth_pairs(s, t, (torch.randint(0, V, (2, 10)), torch.ones(2, 10, dtype=torch.long)))
+    assert pairs['teacher'] == ['bert.encoder.layer.1', 'bert.encoder.layer.3']
+    torch.manual_seed(0)
+    def cosine(out_s, out_t, attention_mask=None): return HiddenStateCosine()(out_s, out_t, attention_mask=attention_mask) # no labels
+    kd = KnowledgeDistillationCallback(t, ['soft_target', Connected(cosine, pairs.connectors())],
+                                       pairs['student'], pairs['teacher'], weight=[0.25, 0.25], distill_valid=True,
+                                       attention_mask=1 if use_mask else None)
+    learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=mlm_loss, cbs=kd)
+    c0 = [p.detach().clone() for p in kd.kd_loss.parameters()]
+    quiet_fit(learn, 1, 1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(c0, kd.kd_loss.parameters())) # the connectors trained
+    # the same batches with other tokens under the padding: with the mask the (distilled) validation loss cannot change
+    losses = []
+    for pad in (torch.zeros(32, 10, dtype=torch.long), torch.randint(1, V, (32, 10), generator=torch.Generator().manual_seed(1))):
+        learn.dls = padded_mlm_dls(pad)
+        with learn.no_bar(), learn.no_logging(): losses.append(learn.validate()[0])
+    assert (abs(losses[0] - losses[1]) < 1e-5) == use_mask, losses
+
+
+def test_teacher_on_its_own_device_returns_a_plain_dict():
+    "With teacher_device the ModelOutput comes back through fastai's `to_device` as a plain dict: still its logits"
+    teacher, student = gpt2(2, 32, 0), gpt2(1, 16, 1)
+    kd = KnowledgeDistillationCallback(teacher, 'soft_target', shift_labels=True, teacher_device='cpu')
+    learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=kd)
+    quiet_fit(learn, 1, 1e-3)
+    assert learn.recorder.values[-1][-1] > 0 # the soft_target column
