@@ -15,7 +15,8 @@ import warnings
 from .core import *
 
 # %% auto #0
-__all__ = ['TeacherSource', 'FrozenTeacher', 'TeacherEnsemble', 'FunctionTeacher', 'CachedTeacher', 'as_teacher']
+__all__ = ['TeacherSource', 'FrozenTeacher', 'TeacherEnsemble', 'FunctionTeacher', 'CachedTeacher', 'topk_pack', 'topk_unpack',
+           'TopKCachedTeacher', 'as_teacher']
 
 # %% ../nbs/03_teachers.ipynb #b4d48b5c
 class TeacherSource:
@@ -153,17 +154,64 @@ class CachedTeacher(TeacherSource):
             if not torch.allclose(c['fp'][idx], fp, rtol=1e-6, atol=1e-6): raise RuntimeError(
                 "cache_teacher: the training inputs of some items changed between epochs (random augmentation?), so the "
                 "cached teacher outputs no longer match them. Set cache_teacher=False.")
-            return c['out'][idx.to(c['out'].device)]
+            return self.unpack(tuple(t[idx.to(t.device)] for t in c['out']))
         out, n = output_tensor(self.source(xb), 'teacher output'), len(l.dl.dataset)
+        packed = self.pack(out)
         if c is None or c['ds'] is not l.dl.dataset:
-            c = self.cache = dict(ds=l.dl.dataset, have=torch.zeros(n, dtype=torch.bool), out=out.new_empty((n, *out.shape[1:])),
-                                  fp=fp.new_empty(n))
-        c['out'][idx.to(out.device)], c['fp'][idx], c['have'][idx] = out, fp, True
+            c = self.cache = dict(ds=l.dl.dataset, have=torch.zeros(n, dtype=torch.bool), fp=fp.new_empty(n),
+                                  out=tuple(t.new_empty((n, *t.shape[1:])) for t in packed))
+        for t, v in zip(c['out'], packed): t[idx.to(t.device)] = v
+        c['fp'][idx], c['have'][idx] = fp, True
         return out
+
+    def pack(self, out:Tensor)->tuple: return (out,) # what is stored per item: the output itself
+    def unpack(self, stored:tuple)->Tensor: return stored[0] # the output rebuilt from what `pack` stored
 
     def exit(self):
         self.source.exit()
         self.learn = None
+
+# %% ../nbs/03_teachers.ipynb #9010641a
+def topk_pack(logits:Tensor, # teacher logits, class dimension last
+              k:int|None, # how many classes to keep per position (None: all)
+              dtype:torch.dtype=torch.float16, # storage type of the kept log-probabilities
+             )->tuple: # (values,) or (values, int32 indices)
+    "The `k` largest log-probabilities of `logits` (and their classes), to store"
+    lp = torch.log_softmax(logits.float(), -1)
+    if k is None or k >= lp.shape[-1]: return (lp.to(dtype),)
+    v, i = lp.topk(k, -1)
+    return v.to(dtype), i.to(torch.int32)
+
+def topk_unpack(stored:tuple, # as returned by `topk_pack`
+                n_classes:int, # the vocabulary size V
+               )->Tensor: # float32 log-probabilities (…, V)
+    "Full log-probabilities from `topk_pack`'s output, the tail mass spread evenly over the classes not kept"
+    v = stored[0].float()
+    if len(stored) == 1: return v
+    k = v.shape[-1]
+    if k == n_classes: return v.new_full((*v.shape[:-1], n_classes), 0.).scatter(-1, stored[1].long(), v)
+    tail = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (n_classes - k) # each class outside the top k
+    return tail.log().expand(*v.shape[:-1], n_classes).scatter(-1, stored[1].long(), v)
+
+class TopKCachedTeacher(CachedTeacher):
+    "`CachedTeacher` for large vocabularies: keeps the top-`k` log-probabilities per position in half precision"
+    def __init__(self, source:TeacherSource, # the teacher source whose outputs are cached
+                 k:int|None=64, # classes kept per position (None: all of them, in `dtype`)
+                 dtype:torch.dtype=torch.float16, # storage type of the kept log-probabilities
+                ):
+        if k is not None and k < 1: raise ValueError(f"k={k} must be a positive number of classes (or None for all).")
+        super().__init__(source); self.k, self.dtype, self.n_classes = k, dtype, None
+
+    def pack(self, out:Tensor)->tuple:
+        self.n_classes = out.shape[-1]
+        return topk_pack(out, self.k, self.dtype)
+    def unpack(self, stored:tuple)->Tensor: return topk_unpack(stored, self.n_classes)
+
+    @staticmethod
+    def nbytes(n_items:int, positions:int, n_classes:int, k:int|None=64, dtype:torch.dtype=torch.float16)->int:
+        "The cache's size in bytes: N·P·k·(value + 4) with k classes kept, N·P·V·value with all of them"
+        size = torch.empty((), dtype=dtype).element_size()
+        return n_items * positions * (n_classes * size if k is None or k >= n_classes else k * (size + 4))
 
 # %% ../nbs/03_teachers.ipynb #c1d35c93
 def as_teacher(teacher:nn.Module|Learner|list|TeacherSource|Callable, # a model, a `Learner`, a list of them, a teacher source or a function
