@@ -185,7 +185,7 @@ class KnowledgeDistillationCallback(Callback):
         self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
         if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
 
-    def output_sources(self)->dict: # `pred`, `teacher_pred`, `target` and `attention_mask` as the losses receive them
+    def output_sources(self)->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and the raw outputs, as the losses receive them
         "The outputs and target of this batch, aligned (`shift_labels`) and with padding masked as `ignore_index` (-100)"
         pred, tp = self._output(self.pred, 'the student output'), self._output(self.teacher_pred, 'the teacher output')
         axis = self._class_axis(pred)
@@ -201,7 +201,7 @@ class KnowledgeDistillationCallback(Callback):
             if keep.shape != target.shape: raise ValueError(f"attention_mask {tuple(am.shape)} does not fit the target "
                                                             f"{tuple(self.yb[0].shape)}: it must be (B, L) like the token ids.")
             target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
-        return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am)
+        return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am, student_output=self.pred, teacher_output=self.teacher_pred)
 
     def _output(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
 

@@ -19,8 +19,8 @@ __all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Dist
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
              target='target', labels='target', fm_s='fm_s', fm_t='fm_t', out_s='fm_s', out_t='fm_t',
-             attention_mask='attention_mask')
-SOURCES = ('pred', 'teacher_pred', 'target', 'fm_s', 'fm_t', 'attention_mask') # what the callback offers every loss
+             attention_mask='attention_mask', student_output='student_output', teacher_output='teacher_output')
+SOURCES = ('pred', 'teacher_pred', 'target', 'fm_s', 'fm_t', 'attention_mask', 'student_output', 'teacher_output') # offered to every loss
 
 def feature_pairs(fm_s:dict, fm_t:dict)->list[tuple[tuple, tuple]]:
     "The ((student name, map), (teacher name, map)) pairs in order; unequal counts are an error, not a silent `zip`"
@@ -61,7 +61,7 @@ class LossTerm(nn.Module):
         if bad: raise TypeError(f"Loss {self.name!r} requires argument(s) {bad} that the callback cannot provide. "
                                 f"A loss may ask for: {', '.join(_ARGS)}; give other parameters defaults.")
         self.args = {p.name: _ARGS[p.name] for p in named if p.name in _ARGS}
-        if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES[:5]}, **self.args} # the mask: by name only
+        if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES[:5]}, **self.args} # the optional sources: by name only
         self.per_pair = bool({'out_s', 'out_t'} & set(self.args))
         if self.per_pair and ({'fm_s', 'fm_t'} & set(self.args) or not {'out_s', 'out_t'} <= set(self.args)):
             raise TypeError(f"Loss {self.name!r} must ask for both single feature maps `out_s, out_t` "
@@ -73,7 +73,7 @@ class LossTerm(nn.Module):
 
     def forward(self, **sources)->Tensor:
         "The loss on `sources`; for a loss of one pair, the (weighted) sum over the layer pairs"
-        kw = {k: sources.get(src) if src == 'attention_mask' else sources[src] # the mask is optional: None when there is none
+        kw = {k: sources.get(src) if src in SOURCES[5:] else sources[src] # optional sources: None when there are none
               for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
         if not self.per_pair: return self.loss(**kw)
         pairs = feature_pairs(sources['fm_s'], sources['fm_t'])

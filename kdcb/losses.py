@@ -14,7 +14,7 @@ from .core import *
 # %% auto #0
 __all__ = ['masked_mean', 'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'NormalizedKD', 'LogitsDistillationLoss', 'mft_target',
            'MFTLoss', 'DIST', 'match_spatial', 'attention_map', 'Attention', 'FitNet', 'ActivationBoundaries',
-           'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'MGDLoss']
+           'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'AttentionKL', 'MGDLoss']
 
 # %% ../nbs/01_losses.ipynb #41d2a082
 def _f32(x:Tensor)->Tensor:
@@ -402,6 +402,43 @@ class HiddenStateCosine(ScheduledLoss):
         mask = target if isinstance(target, Tensor) and target.shape == cos.shape else None
         if attention_mask is not None: mask = torch.where(attention_mask != 0, 0, self.ignore_index) # padding as ignored labels
         return masked_mean(1 - cos, mask, self.ignore_index)
+
+# %% ../nbs/01_losses.ipynb #306f3251
+def _attentions(o, what:str)->tuple:
+    att = o.get('attentions') if isinstance(o, dict) else getattr(o, 'attentions', None)
+    if not att or any(a is None for a in att): raise ValueError(
+        f"The {what} returned no attention probabilities. Build the model with `output_attentions=True` and "
+        "`attn_implementation='eager'` in its config (scaled-dot-product kernels do not return them), and give the "
+        "teacher as a model, not as a cached or averaged source.")
+    return tuple(att)
+
+@register_loss
+class AttentionKL(ScheduledLoss):
+    "Attention transfer (TinyBERT, Jiao et al. 2020; MiniLM, Wang et al. 2020): KL(A_t ‖ A_s) per head and query, paired layers"
+    def __init__(self, layers:dict[int, int]|None=None, # {student layer: teacher layer} (negative counts from the end); default: by depth
+                 heads:str='auto', # 'auto': head by head when the counts agree, else their mean; 'mean': always the mean
+                 eps:float=1e-8, # floor of the student probabilities inside the log
+                ):
+        super().__init__(); store_attr()
+        if heads not in ('auto', 'mean'): raise ValueError(f"heads={heads!r} is not one of 'auto', 'mean'.")
+
+    def pairs(self, S:int, T:int)->list[tuple[int, int]]:
+        "The (student, teacher) layer indices compared, for S student and T teacher layers"
+        if self.layers is None: return [(i, (i+1)*T//S - 1) for i in range(S)] if S <= T else [(S*(j+1)//T - 1, j) for j in range(T)]
+        return [(s % S, t % T) for s, t in self.layers.items()]
+
+    def forward(self, student_output, teacher_output, attention_mask:Tensor|None=None)->Tensor:
+        a_s, a_t = _attentions(student_output, 'student'), _attentions(teacher_output, 'teacher')
+        total = 0.
+        for i, j in self.pairs(len(a_s), len(a_t)):
+            s, t = _f32(a_s[i]), _f32(a_t[j].detach()) # (B, H, L, L): rows are queries, each a distribution over keys
+            if self.heads == 'mean' or s.shape[1] != t.shape[1]: s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+            if s.shape[2:] != t.shape[2:]: raise ValueError(f"Attention maps of student layer {i} {tuple(s.shape)} and teacher "
+                                                            f"layer {j} {tuple(t.shape)} cover different sequence lengths.")
+            kl = (t * (t.clamp_min(1e-12).log() - s.clamp_min(self.eps).log())).sum(-1).mean(1) # (B, L): per query, mean over heads
+            keep = None if attention_mask is None else torch.where(attention_mask != 0, 0, -100)
+            total = total + masked_mean(kl, keep)
+        return total / len(self.pairs(len(a_s), len(a_t)))
 
 # %% ../nbs/01_losses.ipynb #f8fe78df
 @register_loss

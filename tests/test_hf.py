@@ -178,3 +178,29 @@ def test_topk_cache_through_the_callback():
     with torch.no_grad(): lp = torch.log_softmax(teacher.eval()(x).logits, -1)
     item = next(i for i in range(48) if torch.equal(learn.dls.train_ds[i][0], x[0]))
     assert torch.allclose(vals[item].float(), lp[0].topk(5, -1).values, atol=1e-2)
+
+
+def test_attention_transfer_gpt2_and_bert():
+    "TinyBERT/MiniLM attention KL from the models' own attentions (eager attention), through the callback"
+    from kdcb.losses import AttentionKL
+    def eager_gpt2(layers, d, heads, seed):
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, vocab_size=V,
+            n_positions=32, bos_token_id=0, eos_token_id=0, output_attentions=True, attn_implementation='eager'))
+    teacher, student = eager_gpt2(4, 32, 4, 0), eager_gpt2(2, 16, 2, 1)
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', AttentionKL()], weight=[0.3, 0.2], shift_labels=True)
+    learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=kd)
+    quiet_fit(learn, 2, 3e-3)
+    first, last = learn.recorder.values[0][-1], learn.recorder.values[-1][-1]
+    assert 0 < last < first, (first, last) # the student's attention moves towards the teacher's
+    # a model without attention probabilities is refused with the fix
+    kd = KnowledgeDistillationCallback(gpt2(2, 32, 0), AttentionKL(), shift_labels=True)
+    learn = Learner(causal_dls(), gpt2(1, 16, 1), loss_func=hf_causal_loss, cbs=kd)
+    with pytest.raises(ValueError, match="attn_implementation='eager'"): quiet_fit(learn)
+    # BERT with padding: queries on padding are left out
+    t = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, output_attentions=True, attn_implementation='eager')).eval()
+    x, m, _ = padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)).one_batch()
+    with torch.no_grad(): o, o2 = t(x, m), t(x.masked_fill(m == 0, 5), m) # other tokens under the padding
+    assert AttentionKL()(o, o2, m).abs() < 1e-9 # only the padded queries differ
+    assert AttentionKL()(o, o2) > 1e-6 # ... and without the mask they count
