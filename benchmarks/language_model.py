@@ -26,7 +26,7 @@ def docstrings(mods=MODS):
     out = []
     for name in mods:
         m = importlib.import_module(name)
-        out += [d for d in [inspect.getdoc(m)] + [inspect.getdoc(getattr(m, a)) for a in sorted(dir(m)) if not a.startswith('_')] if d]
+        out += [d for d in [inspect.getdoc(m)] + [inspect.getdoc(getattr(m, a)) for a in sorted(dir(m)) if not a.startswith('_') and not inspect.ismodule(getattr(m, a))] if d]
     return '\n\n'.join(dict.fromkeys(out))
 
 
