@@ -258,3 +258,32 @@ def test_born_again_from_a_given_teacher(dls):
 
 def test_generations_refuse_nothing_to_train(dls):
     with pytest.raises(ValueError, match='at least one'): born_again(conv, dls, 0)
+
+
+# ---- mixed precision (bf16 autocast on the CPU, as fastai's MixedPrecision does on CUDA)
+
+class CPUAutocast(Callback):
+    order = 10
+    def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+    def after_loss(self): self.ac.__exit__(None, None, None)
+
+
+class Dtypes(Callback):
+    order = 6
+    def before_fit(self): self.seen, self.losses = set(), []
+    def after_loss(self):
+        if not self.training: return
+        self.losses.append(float(self.learn.loss_grad))
+        ml = getattr(self.learn, 'mutual_learning', None)
+        if ml is not None: self.seen.add(ml.peer_preds[0].dtype)
+
+
+@pytest.mark.parametrize('make_cb', [lambda: MutualLearning(conv()), lambda: DeepSupervision(['1', '3']),
+                                     lambda: None])
+def test_under_bf16_autocast_the_losses_stay_finite(dls, make_cb):
+    s = conv()
+    cb = make_cb() or KnowledgeDistillationCallback(EMATeacher(s, .9))
+    d = Dtypes()
+    quiet_fit(learner(dls, s), 1, cbs=[cb, CPUAutocast(), d])
+    assert d.losses and all(torch.isfinite(torch.tensor(d.losses)))
+    if isinstance(cb, MutualLearning): assert d.seen == {torch.bfloat16} # the peer ran inside the autocast
