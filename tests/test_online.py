@@ -287,3 +287,33 @@ def test_under_bf16_autocast_the_losses_stay_finite(dls, make_cb):
     quiet_fit(learner(dls, s), 1, cbs=[cb, CPUAutocast(), d])
     assert d.losses and all(torch.isfinite(torch.tensor(d.losses)))
     if isinstance(cb, MutualLearning): assert d.seen == {torch.bfloat16} # the peer ran inside the autocast
+
+
+# ---- fastai's tools: lr_find, export then fit again
+
+@pytest.mark.parametrize('which', ['ema', 'mutual', 'deep'])
+def test_lr_find_leaves_the_average_peers_and_heads_as_they_were(dls, which):
+    import fastai.callback.schedule # Learner.lr_find
+    s = conv()
+    if which == 'ema': src = EMATeacher(s, .9); cb = KnowledgeDistillationCallback(src); parts = lambda: [src.model]
+    elif which == 'mutual': peer = conv(); cb = MutualLearning(peer); parts = lambda: [peer]
+    else: cb = DeepSupervision(['1', '3']); parts = lambda: [cb.heads]
+    learn = learner(dls, s, cbs=cb)
+    quiet_fit(learn, 1)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in parts()]
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=20, show_plot=False)
+    for m, b in zip(parts(), before):
+        for k, v in m.state_dict().items(): torch.testing.assert_close(v, b[k], rtol=0, atol=0)
+    if which == 'ema': assert src.n_updates == 6
+    quiet_fit(learn, 1) # and training goes on
+
+
+@pytest.mark.parametrize('which', ['mutual', 'deep'])
+def test_fit_again_after_export(which, tmp_path):
+    "export saves and reloads the optimizer's state in a plain dict: the peers or heads rejoin it in the next fit"
+    dls = export_dls()
+    cb = MutualLearning(conv()) if which == 'mutual' else DeepSupervision(['1', '3'])
+    learn = learner(dls, conv(), cbs=cb)
+    quiet_fit(learn, 1)
+    learn.export(tmp_path/'m.pkl')
+    quiet_fit(learn, 1)
