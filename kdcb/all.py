@@ -13,6 +13,7 @@ from .teachers import *
 from .distill import *
 from .callback import *
 from .unlabelled import *
-from . import core, losses, match, teachers, distill, callback, unlabelled
+from .online import *
+from . import core, losses, match, teachers, distill, callback, unlabelled, online
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
-           *unlabelled.__all__]
+           *unlabelled.__all__, *online.__all__]
