@@ -21,6 +21,7 @@ _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t
              target='target', labels='target', fm_s='fm_s', fm_t='fm_t', out_s='fm_s', out_t='fm_t',
              attention_mask='attention_mask', student_output='student_output', teacher_output='teacher_output')
 SOURCES = ('pred', 'teacher_pred', 'target', 'fm_s', 'fm_t', 'attention_mask', 'student_output', 'teacher_output') # offered to every loss
+_OPTIONAL = {'target', 'attention_mask', 'student_output', 'teacher_output'} # None when a batch has none (or a caller omits them)
 
 def feature_pairs(fm_s:dict, fm_t:dict)->list[tuple[tuple, tuple]]:
     "The ((student name, map), (teacher name, map)) pairs in order; unequal counts are an error, not a silent `zip`"
@@ -73,7 +74,7 @@ class LossTerm(nn.Module):
 
     def forward(self, **sources)->Tensor:
         "The loss on `sources`; for a loss of one pair, the (weighted) sum over the layer pairs"
-        kw = {k: sources.get(src) if src in SOURCES[5:] else sources[src] # optional sources: None when there are none
+        kw = {k: sources.get(src) if src in _OPTIONAL else sources[src] # optional sources: None when there are none
               for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
         if not self.per_pair: return self.loss(**kw)
         pairs = feature_pairs(sources['fm_s'], sources['fm_t'])
@@ -89,7 +90,7 @@ class LossTerm(nn.Module):
 
     def extra_repr(self)->str: return f"{self.name}: {', '.join(self.args)}"
 
-# %% ../nbs/04_distill.ipynb #f8bac163
+# %% ../nbs/04_distill.ipynb #9549351c
 def _feature_term(loss, what:str)->LossTerm:
     term = LossTerm(loss)
     if not term.sources & {'fm_s', 'fm_t'} or term.sources - {'fm_s', 'fm_t', 'target', 'attention_mask'}: raise TypeError(
@@ -122,7 +123,7 @@ class Connected(nn.Module):
     def forward(self, fm_s:dict, fm_t:dict, target=None, attention_mask:Tensor|None=None)->Tensor: # masks reach losses that ask for them
         return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t, target=target, attention_mask=attention_mask)
 
-# %% ../nbs/04_distill.ipynb #c26b4339
+# %% ../nbs/04_distill.ipynb #3167b9aa
 def _weight_list(weight, n:int, names:list)->list:
     each = list(weight) if isinstance(weight, (list, tuple, L)) else None
     if each is not None and len(each) != n: raise ValueError(
@@ -188,7 +189,7 @@ class DistillationLoss(nn.Module):
             "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
         return v
 
-# %% ../nbs/04_distill.ipynb #54001102
+# %% ../nbs/04_distill.ipynb #1954ff47
 class _LayerHook(Hook):
     "fastai's `Hook` keeping one layer's output (with its graph) from one forward pass"
     def __init__(self, m:nn.Module, name:str, owner:FeatureHooks):
