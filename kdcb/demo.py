@@ -176,13 +176,14 @@ def plot_runs(rows:list[dict], # rows from `summarise`, with their logs
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, r in enumerate(rows):
         accs = torch.tensor([l.accs for l in r['logs']]) * 100
-        a1.plot(range(1, accs.shape[1] + 1), accs.mean(0), f'C{i}', label=r['name'], ls='--' if r['name'] == 'teacher' else '-')
+        prog = torch.arange(1, accs.shape[1] + 1) / accs.shape[1] # runs of different lengths share one axis
+        a1.plot(prog, accs.mean(0), f'C{i}', label=r['name'], ls='--' if r['name'] == 'teacher' else '-')
         if r['logs'][0].agree:
             agree = torch.tensor([l.agree for l in r['logs']]) * 100
-            a2.plot(range(1, agree.shape[1] + 1), agree.mean(0), f'C{i}', label=r['name'])
-    a1.set(xlabel='epoch', ylabel='validation accuracy (%)', title='MNIST-1D, mean over seeds')
+            a2.plot(torch.arange(1, agree.shape[1] + 1) / agree.shape[1], agree.mean(0), f'C{i}', label=r['name'])
+    a1.set(xlabel='training progress (share of the run)', ylabel='validation accuracy (%)', title='MNIST-1D, mean over seeds')
     a1.set_ylim(max(0, a1.get_ylim()[0]), 100); a1.legend()
-    a2.set(xlabel='epoch', ylabel='same class as the teacher (%)', title='agreement with the teacher on validation')
+    a2.set(xlabel='training progress (share of the run)', ylabel='same class as the teacher (%)', title='agreement with the teacher on validation')
     if a2.lines: a2.legend()
     fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
 
@@ -196,7 +197,7 @@ def get_parser()->argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=40, help='epochs of every run (default 40)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per student (default 3)')
     p.add_argument('--seed', type=int, default=0, help='first seed (default 0)')
-    p.add_argument('--losses', default=DEFAULT_LOSSES, help=f"comma list of registered losses or '+' combos (default {DEFAULT_LOSSES})")
+    p.add_argument('--losses', default=None, help=f"comma list of registered losses or '+' combos (default {DEFAULT_LOSSES}; soft_target with --labelled)")
     p.add_argument('--out', default='kdcb-demo', help='folder for the plot and the table (default ./kdcb-demo)')
     p.add_argument('--n-train', type=int, default=4000, help='training signals (default 4000)')
     p.add_argument('--temperature', type=float, default=4., help='temperature of soft_target and decoupled_kd (default 4)')
@@ -214,6 +215,7 @@ def _check(p, a):
         if getattr(a, n) < 1: p.error(f"--{n} must be at least 1, got {getattr(a, n)}.")
     if a.n_train < 256: p.error(f"--n-train must be at least 256 (two batches of 128), got {a.n_train}.")
     if a.weight is None: a.weight = 0.9 if a.labelled else 0.5
+    if a.losses is None: a.losses = 'soft_target' if a.labelled else DEFAULT_LOSSES
     if not 0 <= a.weight <= 1: p.error(f"--weight is a share of the loss, between 0 and 1; got {a.weight}.")
     if a.labelled is not None and not 128 <= a.labelled < a.n_train: p.error(
         f"--labelled must lie between 128 (one batch) and --n-train ({a.n_train}) minus one, got {a.labelled}.")
