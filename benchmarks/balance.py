@@ -1,7 +1,7 @@
 """Multi-label (sigmoid) distillation, and loss weights that balance themselves, on scikit-learn's bundled digits.
 
-Run: python benchmarks/balance.py                      # both parts, 3 paired seeds: about 3 minutes on one CPU thread
-     python benchmarks/balance.py --part multilabel     # or --part balance
+Run: python benchmarks/balance.py                      # multilabel and balance parts, 3 paired seeds: about 3 minutes on one CPU thread
+     python benchmarks/balance.py --part multilabel     # or --part balance, or --part ablation (not in 'both')
      python benchmarks/balance.py --seeds 0,1,2,3,4 --epochs 60 --n-student 300
 
 Data: the 1,797 8x8 digits (bundled with scikit-learn, no download), pixels / 16, a fixed shuffled split: the last 360
@@ -22,7 +22,12 @@ Part balance: the 10-class task (CrossEntropyLossFlat). Rows: `logits` (MSE betw
 hidden activations, through a learned 16->256 regressor) with fixed weights 0.1 and 0.5, with `RatioBalance(0.5)` (each
 loss kept at the task loss's value, half of the mixed loss) and with `UncertaintyBalance(0.5)` (learned log-variances).
 The `w_*` columns are the effective weights the balancer applied, averaged over the last epoch's batches; `s/epoch` is
-the median wall time of an epoch (per-batch overhead of the balancers)."""
+the median wall time of an epoch (per-batch overhead of the balancers).
+
+Part ablation (one call, `--part ablation --losses soft_target,fit_net,rkd`): every non-empty subset of the given
+losses (response, feature, relation) against scratch on the 10-class task, paired seeds, the total weight balanced by
+`RatioBalance(0.5)` (or `--ablation-weight 0.5`), and the contribution of each loss: the full combination's accuracy
+minus that of the combination without it."""
 from __future__ import annotations
 import argparse, platform, random, statistics, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -189,14 +194,50 @@ def part_balance(a, x, y):
     print('\n' + table(rows, ['accuracy'], ['w_task', 'w_logits', 'w_fit_net']))
 
 
+ABLATION_LOSSES = dict(soft_target=lambda a: SoftTarget(T=4.), logits=lambda a: Logits(), fit_net=lambda a: FitNet(a.hidden, 256),
+                       rkd=lambda a: RKD(), similarity=lambda a: Similarity(), pkt=lambda a: PKT(), attention=None)
+
+def part_ablation(a, x, y):
+    "Every subset of --losses (response, feature, relation) on the 10-class task, the weights balanced by RatioBalance"
+    import itertools
+    names = a.losses.split(',')
+    bad = [n for n in names if ABLATION_LOSSES.get(n) is None]
+    if bad: raise ValueError(f"--losses {bad}: the ablation knows {[n for n, f in ABLATION_LOSSES.items() if f]}.")
+    t, tacc = teacher(x, y, a.n_valid_from, a.n_valid_from, False, a.teacher_epochs)
+    w = 'RatioBalance(0.5)' if a.ablation_weight is None else a.ablation_weight
+    print(f'\n## Ablation of {names} on digits (10 classes): teacher accuracy {100*tacc:.2f}%, student 64-{a.hidden}-10 on '
+          f'{a.n_student}, {a.epochs} epochs, seeds {a.seeds}, total weight {w} (split evenly); feature and relation '
+          'losses on the hidden layers (the student\'s ReLU "1", the teacher\'s second ReLU "3")\n', flush=True)
+    def make(subset):
+        def mk(t):
+            losses = [ABLATION_LOSSES[n](a) for n in subset]
+            feat = any(LossTerm(l).sources & {'fm_s', 'fm_t'} for l in losses)
+            weight = RatioBalance(0.5) if a.ablation_weight is None else float(a.ablation_weight)
+            return KnowledgeDistillationCallback(t, losses, ['1'] if feat else None, ['3'] if feat else None, weight=weight)
+        return mk
+    subsets = [c for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+    recipes = [('scratch', None)] + [(' + '.join(c), make(c)) for c in subsets]
+    rows = run(recipes, x, y, a, lambda: mlp(a.hidden, 10), CrossEntropyLossFlat(), [accuracy], t)
+    print('\n' + table(rows, ['accuracy']))
+    full = {r['name']: r for r in rows}[' + '.join(names)]
+    print(f"\nContribution of each loss to the full combination ({' + '.join(names)}): its accuracy minus that without the loss, "
+          "per seed (paired)\n\n| loss removed | full − without (points) |\n|---|---|")
+    for n in names:
+        rest = ' + '.join(m for m in names if m != n) or 'scratch'
+        d = [100 * (f[0] - o[0]) for f, o in zip(full['vals'], {r['name']: r for r in rows}[rest]['vals'])]
+        print(f"| {n} | {statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0:.2f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--part', choices=['multilabel', 'balance', 'both'], default='both')
+    p.add_argument('--part', choices=['multilabel', 'balance', 'ablation', 'both'], default='both')
     p.add_argument('--seeds', default='0,1,2')
     p.add_argument('--epochs', type=int, default=40)
     p.add_argument('--teacher-epochs', type=int, default=40)
     p.add_argument('--n-student', type=int, default=200)
     p.add_argument('--lr', type=float, default=1e-2)
+    p.add_argument('--losses', default='soft_target,fit_net,rkd', help='--part ablation: the losses whose subsets are compared')
+    p.add_argument('--ablation-weight', default=None, help='--part ablation: a fixed total weight instead of RatioBalance(0.5)')
     p.add_argument('--hidden', type=int, default=16, help="the student's hidden width")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(',')]
@@ -204,6 +245,7 @@ def main(argv=None):
     print(f'torch {torch.__version__}, fastai {fastai.__version__}, {platform.processor() or platform.machine()}, 1 thread')
     if a.part in ('multilabel', 'both'): part_multilabel(a, x, y)
     if a.part in ('balance', 'both'): part_balance(a, x, y)
+    if a.part == 'ablation': part_ablation(a, x, y)
 
 
 if __name__ == '__main__': main()
