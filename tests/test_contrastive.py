@@ -116,3 +116,29 @@ def test_crd_learner_export_leaves_bank_out(tmp_path):
     learn.export('p.pkl')
     # the 2 x 5000 x 6 float32 banks alone are 240 kB
     assert (tmp_path/'s.pkl').stat().st_size < (tmp_path/'p.pkl').stat().st_size + 24_000
+
+
+@pytest.mark.slow
+def test_crd_under_ddp_each_rank_keeps_its_own_bank(tmp_path):
+    "Two gloo processes: the heads (trainable loss parameters) stay identical, each rank's bank holds its own shard's rows"
+    pytest.importorskip('accelerate')
+    import os, socket, subprocess, sys
+    from pathlib import Path
+    worker = Path(__file__).parent / 'ddp_crd_worker.py'
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), 'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '2',
+               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'ACCELERATE_USE_CPU': 'true'}
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / f'rank{r}.pt')], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2))
+    for k in ('terms.0.loss.head_s.weight', 'terms.0.loss.head_t.weight'):
+        torch.testing.assert_close(r0['state'][k], r1['state'][k], rtol=0, atol=0) # gradients averaged: the heads agree
+    for k in r0['student']: torch.testing.assert_close(r0['student'][k], r1['student'][k], rtol=0, atol=0)
+    n = int(r0['state']['terms.0.loss.bank_size'])
+    assert n == int(r1['state']['terms.0.loss.bank_size']) == 32 # 64 items, half on each rank
+    assert not torch.equal(r0['state']['terms.0.loss.bank_t'][:n], r1['state']['terms.0.loss.bank_t'][:n]) # not gathered
