@@ -1,7 +1,7 @@
 """Multi-label (sigmoid) distillation, and loss weights that balance themselves, on scikit-learn's bundled digits.
 
 Run: python benchmarks/balance.py                      # multilabel and balance parts, 3 paired seeds: about 3 minutes on one CPU thread
-     python benchmarks/balance.py --part multilabel     # or --part balance, or --part ablation (not in 'both')
+     python benchmarks/balance.py --part multilabel     # or --part balance, --part ablation, --part contrastive (not in 'both')
      python benchmarks/balance.py --seeds 0,1,2,3,4 --epochs 60 --n-student 300
 
 Data: the 1,797 8x8 digits (bundled with scikit-learn, no download), pixels / 16, a fixed shuffled split: the last 360
@@ -27,7 +27,10 @@ the median wall time of an epoch (per-batch overhead of the balancers).
 Part ablation (one call, `--part ablation --losses soft_target,fit_net,rkd`): every non-empty subset of the given
 losses (response, feature, relation) against scratch on the 10-class task, paired seeds, the total weight balanced by
 `RatioBalance(0.5)` (or `--ablation-weight 0.5`), and the contribution of each loss: the full combination's accuracy
-minus that of the combination without it."""
+minus that of the combination without it.
+
+Part contrastive (`--part contrastive`): in-batch `InfoNCE` and `CRD` (4,096 negatives), projection heads 64 wide at T = 0.1,
+on the hidden layers, at weights 0.1 and 0.5, against scratch and `soft_target`."""
 from __future__ import annotations
 import argparse, platform, random, statistics, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -194,6 +197,22 @@ def part_balance(a, x, y):
     print('\n' + table(rows, ['accuracy'], ['w_task', 'w_logits', 'w_fit_net']))
 
 
+def part_contrastive(a, x, y):
+    "In-batch InfoNCE and CRD (projection heads 64 wide) on the hidden layers, against scratch and soft targets"
+    from kdcb.contrastive import InfoNCE, CRD
+    t, tacc = teacher(x, y, a.n_valid_from, a.n_valid_from, False, a.teacher_epochs)
+    print(f'\n## Contrastive distillation on digits (10 classes): teacher accuracy {100*tacc:.2f}%, student 64-{a.hidden}-10 on '
+          f'{a.n_student}, {a.epochs} epochs, seeds {a.seeds}; the student\'s hidden ReLU "1" paired with the teacher\'s second "3"\n', flush=True)
+    def kd(loss, w, feat=True):
+        return lambda t: KnowledgeDistillationCallback(t, loss(), ['1'] if feat else None, ['3'] if feat else None, weight=w)
+    recipes = [('scratch', None), ('soft_target T=4 w=0.5', kd(lambda: SoftTarget(T=4.), .5, False))]
+    for w in (.1, .5):
+        recipes += [(f'info_nce w={w}', kd(lambda: InfoNCE(a.hidden, 256, dim=64, T=.1), w)),
+                    (f'crd (4,096 negatives) w={w}', kd(lambda: CRD(a.hidden, 256, dim=64, n_negatives=4096, T=.1), w))]
+    rows = run(recipes, x, y, a, lambda: mlp(a.hidden, 10), CrossEntropyLossFlat(), [accuracy], t)
+    print('\n' + table(rows, ['accuracy']))
+
+
 ABLATION_LOSSES = dict(soft_target=lambda a: SoftTarget(T=4.), logits=lambda a: Logits(), fit_net=lambda a: FitNet(a.hidden, 256),
                        rkd=lambda a: RKD(), similarity=lambda a: Similarity(), pkt=lambda a: PKT(), attention=None)
 
@@ -230,7 +249,7 @@ def part_ablation(a, x, y):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--part', choices=['multilabel', 'balance', 'ablation', 'both'], default='both')
+    p.add_argument('--part', choices=['multilabel', 'balance', 'ablation', 'contrastive', 'both'], default='both')
     p.add_argument('--seeds', default='0,1,2')
     p.add_argument('--epochs', type=int, default=40)
     p.add_argument('--teacher-epochs', type=int, default=40)
@@ -246,6 +265,7 @@ def main(argv=None):
     if a.part in ('multilabel', 'both'): part_multilabel(a, x, y)
     if a.part in ('balance', 'both'): part_balance(a, x, y)
     if a.part == 'ablation': part_ablation(a, x, y)
+    if a.part == 'contrastive': part_contrastive(a, x, y)
 
 
 if __name__ == '__main__': main()
