@@ -42,5 +42,5 @@ if world > 1:
     with learn.distrib_ctx(sync_bn=False), learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1)
 else:
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1)
-torch.save({'state': kd.state_dict(), 'student': student.state_dict()}, out)
+torch.save({'state': kd.state_dict()['losses'], 'student': student.state_dict()}, out)
 if world > 1: dist.destroy_process_group()

@@ -93,7 +93,7 @@ def test_crd_bank_in_callback_state_and_device():
     assert int(crd.bank_size) == min(50, n_train) and int(crd.bank_ptr) == n_train % 50 # validation did not add rows
     assert any(not torch.equal(a, b) for a, b in zip(heads, kd.kd_loss.parameters())) # the heads trained with the student
     state = kd.state_dict()
-    assert {'terms.0.loss.bank_s', 'terms.0.loss.bank_t', 'terms.0.loss.bank_ptr', 'terms.0.loss.bank_size'} <= set(state)
+    assert {'terms.0.loss.bank_s', 'terms.0.loss.bank_t', 'terms.0.loss.bank_ptr', 'terms.0.loss.bank_size'} <= set(state['losses'])
     kd2 = KnowledgeDistillationCallback(teacher, CRD(4, 8, dim=6, n_negatives=50), ['2'], ['2'], weight=.3)
     kd2.load_state_dict(state)
     c2 = kd2.kd_loss.terms[0].loss
