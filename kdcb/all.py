@@ -14,6 +14,8 @@ from .distill import *
 from .callback import *
 from .unlabelled import *
 from .online import *
-from . import core, losses, match, teachers, distill, callback, unlabelled, online
+from .contrastive import *
+from .multilabel import *
+from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
-           *unlabelled.__all__, *online.__all__]
+           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__]

@@ -14,7 +14,8 @@ from .core import *
 from .core import _LOSSES, _key
 
 # %% auto #0
-__all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'DistillationLoss', 'FeatureHooks']
+__all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'RatioBalance',
+           'UncertaintyBalance', 'FeatureHooks']
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
@@ -123,7 +124,21 @@ class Connected(nn.Module):
     def forward(self, fm_s:dict, fm_t:dict, target=None, attention_mask:Tensor|None=None)->Tensor: # masks reach losses that ask for them
         return self.term(fm_s=self.connectors(fm_s), fm_t=fm_t, target=target, attention_mask=attention_mask)
 
-# %% ../nbs/04_distill.ipynb #3167b9aa
+# %% ../nbs/04_distill.ipynb #244f84b7
+class Balancer(nn.Module):
+    "Base class of loss balancers: given the task loss, each loss's value and weight, the mixed loss and the weights applied"
+    def __init__(self, weight:float|Callable|list=0.5, # the `DistillationLoss` weight(s) the balancer starts from
+                ): super().__init__(); self.weight = weight
+    def setup(self, n:int): pass # called once with the number of distillation losses: create parameters here
+
+    def forward(self, task:Tensor, # the task loss
+                values:list[Tensor], # each distillation loss's value
+                weights:list[float], # each one's (scheduled) weight now
+               )->tuple[Tensor, Tensor]: # the mixed loss, and the weights applied to the task loss and to each loss
+        w = torch.tensor([1 - sum(weights), *weights], device=task.device)
+        return w[0]*task + sum(wi*v for wi, v in zip(w[1:], values)), w
+
+# %% ../nbs/04_distill.ipynb #39750c8b
 def _weight_list(weight, n:int, names:list)->list:
     each = list(weight) if isinstance(weight, (list, tuple, L)) else None
     if each is not None and len(each) != n: raise ValueError(
@@ -141,13 +156,18 @@ class DistillationLoss(nn.Module):
     def __init__(self, losses:Callable|str|list, # registered name(s), loss class(es), object(s) or function(s)
                  weight:float|Callable|list=0.5, # total distillation weight (split evenly), a schedule, or one per loss
                  schedule:Callable|None=None, # optional multiplier of every weight, a callable of `pct_train`
+                 balance:Balancer|None=None, # rescales the weighted losses at every step (a `Balancer` given as `weight` is taken here)
                 ):
         super().__init__()
+        if isinstance(weight, Balancer): balance, weight = weight, weight.weight # the callback's `weight=RatioBalance(.5)`
         self.terms = nn.ModuleList([l if isinstance(l, LossTerm) else LossTerm(l) for l in (losses if isinstance(losses, (list, tuple, L)) else [losses])])
         if not len(self.terms): raise ValueError("Give at least one distillation loss.")
         names = [t.name for t in self.terms]
-        self.names = [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
-        self.weights, self.schedule = _weight_list(weight, len(self.terms), self.names), _multiplier(schedule)
+        self.loss_names = [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
+        # the columns `forward` reports: each loss's value, then with a balancer the weights it gave the task and each loss
+        self.names = self.loss_names + ([f'w_{n}' for n in ['task', *self.loss_names]] if balance is not None else [])
+        self.weights, self.schedule, self.balance = _weight_list(weight, len(self.terms), self.loss_names), _multiplier(schedule), balance
+        if balance is not None: balance.setup(len(self.terms)) # e.g. one learned log-variance per loss, a parameter from now on
         for p in range(101): self.weights_at(p/100) # refuse bad weights now, not halfway through training
         self.set_progress(0.)
 
@@ -159,7 +179,7 @@ class DistillationLoss(nn.Module):
         w = [float(w(pct_train)) if callable(w) else float(w) for w in self.weights]
         if self.schedule is not None: w = [wi * float(self.schedule(pct_train)) for wi in w]
         if not all(0 <= wi <= 1 for wi in w) or sum(w) > 1 + 1e-6: raise ValueError(
-            f"The distillation weights are {dict(zip(self.names, w))} at pct_train={pct_train:.2f}: each must lie in [0, 1] "
+            f"The distillation weights are {dict(zip(self.loss_names, w))} at pct_train={pct_train:.2f}: each must lie in [0, 1] "
             f"and their sum (here {sum(w):g}) at most 1, or the task loss gets a negative weight. Scale a loss itself "
             "instead (e.g. `Attention(beta=100.)`).")
         return w
@@ -170,11 +190,15 @@ class DistillationLoss(nn.Module):
         for m in self.modules():
             if isinstance(m, ScheduledLoss): m.pct_train = pct_train
 
-    def forward(self, task_loss:Tensor, **sources)->tuple[Tensor, Tensor]: # mixed loss, and each loss's value (detached)
-        "Mix the losses, computed on `sources`, into `task_loss` with the current weights"
+    def forward(self, task_loss:Tensor, **sources)->tuple[Tensor, Tensor]: # mixed loss, and the (detached) values named by `names`
+        "Mix the losses, computed on `sources`, into `task_loss` with the current weights (and the balancer, if any)"
         values = [self._checked(t, t(**sources), sources) for t in self.terms]
+        terms = torch.stack([v.detach().float() for v in values])
+        if self.balance is not None:
+            mixed, w = self.balance(task_loss, values, self.current)
+            return mixed, torch.cat([terms, w.detach().float().to(terms.device)])
         mixed = (1 - sum(self.current)) * task_loss + sum(w * v for w, v in zip(self.current, values))
-        return mixed, torch.stack([v.detach().float() for v in values])
+        return mixed, terms
 
     def _checked(self, term:LossTerm, v, sources:dict)->Tensor:
         if not isinstance(v, Tensor): raise TypeError(
@@ -189,7 +213,32 @@ class DistillationLoss(nn.Module):
             "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
         return v
 
-# %% ../nbs/04_distill.ipynb #1954ff47
+# %% ../nbs/04_distill.ipynb #d0453d06
+class RatioBalance(Balancer):
+    "Each distillation loss rescaled (by a detached factor) to the task loss's value: its weight becomes its share of the mixed loss"
+    def __init__(self, weight:float|Callable|list=0.5, # total share of the distillation losses (split evenly), a schedule, or one per loss
+                 eps:float=1e-8, # smallest loss value divided by, so that a loss at 0 does not blow up the factor
+                ): super().__init__(weight); self.eps = eps
+
+    def forward(self, task:Tensor, values:list[Tensor], weights:list[float])->tuple[Tensor, Tensor]:
+        scale = [(task.detach().float() / v.detach().float().clamp_min(self.eps)) for v in values] # detached: only the size changes
+        w = torch.stack([task.new_tensor(1 - sum(weights), dtype=torch.float32)] + [wi * s for wi, s in zip(weights, scale)])
+        return (1 - sum(weights))*task + sum(wi * v for wi, v in zip(w[1:], values)), w
+
+# %% ../nbs/04_distill.ipynb #1466fc41
+class UncertaintyBalance(Balancer):
+    "Kendall et al. 2018: a learned log-variance s per loss (task included), weighting it e^(−s)·L + s"
+    def __init__(self, weight:float|Callable|list=0.5, # prior weight(s) of the distillation losses, as `DistillationLoss`'s `weight`
+                 init:float=0., # the log-variances' initial value
+                ): super().__init__(weight); self.init = init
+    def setup(self, n:int): self.log_vars = nn.Parameter(torch.full((n + 1,), float(self.init))) # task first, then each loss
+
+    def forward(self, task:Tensor, values:list[Tensor], weights:list[float])->tuple[Tensor, Tensor]:
+        s, prior = self.log_vars, [1 - sum(weights), *weights]
+        mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
+        return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
+
+# %% ../nbs/04_distill.ipynb #2fc6131d
 class _LayerHook(Hook):
     "fastai's `Hook` keeping one layer's output (with its graph) from one forward pass"
     def __init__(self, m:nn.Module, name:str, owner:FeatureHooks):

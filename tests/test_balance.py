@@ -1,0 +1,110 @@
+"Balanced weights: RatioBalance and UncertaintyBalance against their formulas, in the callback's columns, trained, saved and reloaded"
+import math, pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.schedule import SchedLin
+from kdcb.all import *
+from kdcb.distill import Balancer, RatioBalance, UncertaintyBalance
+from conftest import toy_dls, mlp, quiet_fit
+
+torch.set_num_threads(1)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(8, 5, generator=g, dtype=torch.float64).requires_grad_()
+    t, y = torch.randn(8, 5, generator=g, dtype=torch.float64) * 3, torch.randint(0, 5, (8,), generator=g)
+    return s, t, y
+
+
+def test_default_balancer_is_the_fixed_mix():
+    s, t, y = _batch()
+    task = F.cross_entropy(s, y)
+    plain, _ = DistillationLoss(['logits', 'soft_target'], weight=[.2, .3])(task, pred=s, teacher_pred=t, target=y)
+    bal, cols = DistillationLoss(['logits', 'soft_target'], weight=Balancer([.2, .3]))(task, pred=s, teacher_pred=t, target=y)
+    torch.testing.assert_close(plain, bal)
+    torch.testing.assert_close(cols[2:], torch.tensor([.5, .2, .3]))
+
+
+def test_ratio_value_and_gradient():
+    s, t, y = _batch(1)
+    task = F.cross_entropy(s, y)
+    kd = DistillationLoss(['logits', 'soft_target'], weight=RatioBalance([.1, .3]))
+    assert kd.names == ['logits', 'soft_target', 'w_task', 'w_logits', 'w_soft_target'] and kd.loss_names == ['logits', 'soft_target']
+    mixed, cols = kd(task, pred=s, teacher_pred=t, target=y)
+    l1, l2 = Logits()(s, t, y), SoftTarget()(s, t, y)
+    assert mixed.item() == pytest.approx(task.item(), rel=1e-6) # 0.6·task + 0.1·task + 0.3·task
+    r1, r2 = (task / l1).item(), (task / l2).item()
+    torch.testing.assert_close(cols, torch.tensor([l1.item(), l2.item(), .6, .1 * r1, .3 * r2]))
+    g, = torch.autograd.grad(mixed, s, retain_graph=True)
+    ref, = torch.autograd.grad(.6 * task + .1 * r1 * l1 + .3 * r2 * l2, s)
+    torch.testing.assert_close(g, ref)
+
+
+def test_ratio_scale_invariance():
+    "A loss multiplied by 1000 gets the same gradient: the point of balancing"
+    s, t, y = _batch(2)
+    task = F.cross_entropy(s, y)
+    big = lambda pred, teacher_pred: 1000 * (pred - teacher_pred).pow(2).mean()
+    small = lambda pred, teacher_pred: (pred - teacher_pred).pow(2).mean()
+    g = [torch.autograd.grad(DistillationLoss(f, weight=RatioBalance(.5))(task, pred=s, teacher_pred=t)[0], s, retain_graph=True)[0]
+         for f in (big, small)]
+    torch.testing.assert_close(g[0], g[1])
+
+
+def test_ratio_loss_at_zero_is_finite():
+    s, t, y = _batch(3)
+    task = F.cross_entropy(s, y)
+    mixed, cols = DistillationLoss('logits', weight=RatioBalance(.5))(task, pred=s, teacher_pred=s.detach(), target=y)
+    assert torch.isfinite(mixed) and torch.isfinite(cols).all()
+
+
+def test_uncertainty_formula_and_schedule():
+    s, t, y = _batch(4)
+    task = F.cross_entropy(s, y)
+    kd = DistillationLoss(['logits', 'soft_target'], weight=UncertaintyBalance(SchedLin(0., .8), init=.5))
+    kd.set_progress(.5) # prior weights 0.2 each, task 0.6
+    mixed, cols = kd(task, pred=s, teacher_pred=t, target=y)
+    l1, l2 = Logits()(s, t, y), SoftTarget()(s, t, y)
+    e = math.exp(-.5)
+    ref = .6 * (e * task + .5) + .2 * (e * l1 + .5) + .2 * (e * l2 + .5)
+    assert mixed.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(cols[2:], torch.tensor([.6 * e, .2 * e, .2 * e]))
+
+
+def test_uncertainty_learns_log_losses():
+    "Minimising e^(-s)·L + s over s alone reaches s = log L"
+    L = torch.tensor([0.5, 2., 8.])
+    b = UncertaintyBalance(weight=[.3, .3])
+    b.setup(2)
+    opt = torch.optim.Adam(b.parameters(), lr=.05)
+    for _ in range(2000):
+        opt.zero_grad(); b(L[0], [L[1], L[2]], [.3, .3])[0].backward(); opt.step()
+    torch.testing.assert_close(b.log_vars.detach(), L.log(), atol=1e-2, rtol=0)
+
+
+def test_balancers_in_the_callback():
+    "Weights in the progress columns; the learned log-variances train with the student and save with the callback's state"
+    dls = toy_dls()
+    teacher = mlp()
+    kd = KnowledgeDistillationCallback(teacher, ['logits', 'soft_target'], weight=UncertaintyBalance(.5))
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
+    quiet_fit(learn, 2, lr=1e-1)
+    assert kd.column_names == ['task_loss', 'logits', 'soft_target', 'w_task', 'w_logits', 'w_soft_target']
+    assert 'w_logits' in learn.recorder.metric_names
+    lv = kd.kd_loss.balance.log_vars
+    assert not torch.equal(lv.detach(), torch.zeros(3)) # trained
+    avg = kd.averages()
+    assert avg[3] == pytest.approx(.5 * math.exp(-lv[0].item()), rel=.3) # the columns average the weights over the epoch
+    kd2 = KnowledgeDistillationCallback(teacher, ['logits', 'soft_target'], weight=UncertaintyBalance(.5))
+    kd2.load_state_dict(kd.state_dict())
+    torch.testing.assert_close(kd2.kd_loss.balance.log_vars, lv)
+    assert not any(p is lv for p, *_ in learn.opt.all_params(with_grad=False)) # out of the optimizer after the fit
+
+    kr = KnowledgeDistillationCallback(teacher, 'logits', weight=RatioBalance(.3))
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kr)
+    quiet_fit(learn, 1)
+    task, logits, w_task, w_logits = kr.averages()
+    assert w_task == pytest.approx(.7) and w_logits > 0
