@@ -50,6 +50,28 @@ def cnn(widths):
 
 
 TEACHER_W, STUDENT_W = (64, 96, 128, 160), (8, 16, 24, 32)
+RESNET = False # --resnet: torchvision ResNet-34 teacher, ResNet-18 student on digits at 32x32
+
+
+def make_teacher():
+    if not RESNET: return cnn(TEACHER_W)
+    from torchvision.models import resnet34
+    return resnet34(num_classes=10)
+
+
+def make_student():
+    if not RESNET: return cnn(STUDENT_W)
+    from torchvision.models import resnet18
+    return resnet18(num_classes=10)
+
+
+def digits32():
+    "scikit-learn's digits as (B, 3, 32, 32) images: 1,400 training, 397 validation"
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = F.interpolate(torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, size=32, mode='bilinear').expand(-1, 3, -1, -1)
+    x, y = x.contiguous(), torch.tensor(y)
+    return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
 def clock(): return time.perf_counter(), time.process_time()
@@ -68,7 +90,7 @@ class TrainTimes(Callback):
 
 def data(n_train, bs, device, tensors=None):
     "MNIST-1D built locally (`n_train` training, 1000 validation signals) as tensor batches: loading costs next to nothing"
-    return tensor_dls(*(tensors or mnist1d(n_train)), bs=bs).to(device)
+    return tensor_dls(*(tensors or (digits32() if RESNET else mnist1d(n_train))), bs=bs).to(device)
 
 
 class ByHand(Callback):
@@ -90,12 +112,13 @@ class ByHand(Callback):
 def kd_cb(variant, teacher):
     if variant == 'by_hand': return ByHand(teacher)
     if variant == 'soft_target': return KnowledgeDistillationCallback(teacher, 'soft_target')
-    return KnowledgeDistillationCallback(teacher, 'attention', STAGES, STAGES)
+    stages = ['layer1', 'layer2', 'layer3', 'layer4'] if RESNET else STAGES
+    return KnowledgeDistillationCallback(teacher, 'attention', stages, stages)
 
 
 def student_learner(dls, seed, fp16):
     torch.manual_seed(seed)
-    learn = Learner(dls, cnn(STUDENT_W), loss_func=CrossEntropyLossFlat(), cbs=TrainTimes())
+    learn = Learner(dls, make_student(), loss_func=CrossEntropyLossFlat(), cbs=TrainTimes())
     return learn.to_fp16() if fp16 else learn
 
 
@@ -127,7 +150,7 @@ def measure_speed(device, repeats, n_train, epochs, bs):
     fp16 = device == 'cuda'
     dls = data(n_train, bs, device)
     torch.manual_seed(0)
-    teacher = cnn(TEACHER_W).to(device) # untrained: cost, not accuracy, is measured here
+    teacher = make_teacher().to(device) # untrained: cost, not accuracy, is measured here
     res = {v: [] for v in VARIANTS}
     for r in range(repeats):
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]: # rotate the order from repeat to repeat
@@ -158,7 +181,7 @@ def fit_memory(variant, device, n_train, epochs, bs, tensors=None):
     fp16 = device == 'cuda'
     dls = data(n_train, bs, device, tensors)
     torch.manual_seed(0)
-    teacher = cnn(TEACHER_W).to(device)
+    teacher = make_teacher().to(device)
     learn = student_learner(dls, 0, fp16)
     if device == 'cuda':
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
@@ -204,11 +227,13 @@ def environment(device):
         cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration): pass
     gpu = torch.cuda.get_device_name() if device == 'cuda' else 'none'
-    t, s = cnn(TEACHER_W), cnn(STUDENT_W)
+    t, s = make_teacher(), make_student()
     print(f"torch {torch.__version__}, fastai {fastai.__version__}, python {platform.python_version()}; CPU {cpu}, "
           f"{torch.get_num_threads()} torch thread(s) of {torch.multiprocessing.cpu_count()} cores; GPU {gpu}")
-    print(f"MNIST-1D (built locally); teacher 1-D CNN {n_params(t):,} params, stages {TEACHER_W}; "
-          f"student {n_params(s):,} params, stages {STUDENT_W}; attention pairs {STAGES}")
+    if RESNET: print(f"digits at 32x32 (scikit-learn); teacher ResNet-34 {n_params(t):,} params, student ResNet-18 {n_params(s):,} params "
+                     "(torchvision, no weights); attention pairs layer1..layer4")
+    else: print(f"MNIST-1D (built locally); teacher 1-D CNN {n_params(t):,} params, stages {TEACHER_W}; "
+                f"student {n_params(s):,} params, stages {STUDENT_W}; attention pairs {STAGES}")
 
 
 def main():
@@ -218,8 +243,12 @@ def main():
     p.add_argument('--bs', type=int, default=128)
     p.add_argument('--mem-bs', type=int, default=1024, help='batch size of the memory runs (large, so activations show)')
     p.add_argument('--no-memory', action='store_true')
+    p.add_argument('--resnet', action='store_true', help='ResNet-34 -> ResNet-18 (torchvision, no weights) on digits at 32x32, batch --bs')
     p.add_argument('--mem-child', help=argparse.SUPPRESS); p.add_argument('--data', help=argparse.SUPPRESS)
     a = p.parse_args()
+    global RESNET
+    RESNET = a.resnet
+    if RESNET and not a.no_memory: p.error('--resnet measures time only: add --no-memory')
     torch.set_num_threads(1) # a shared 2-core machine: one thread each, medians of repeats
     if a.mem_child:
         print(json.dumps(fit_memory(a.mem_child, 'cpu', a.n_train, a.epochs, a.bs, torch.load(a.data)))); return
