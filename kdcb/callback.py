@@ -20,7 +20,7 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'KnowledgeDistillationCallback']
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'ColumnsCallback', 'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #c6f88423
 class LossColumns(Callback):
@@ -46,7 +46,43 @@ class LossColumns(Callback):
         if getattr(self, 'fitting', False): self.learn.recorder.log += self.averages()
     def after_fit(self): self.fitting = False
 
-# %% ../nbs/05_callback.ipynb #47144edc
+# %% ../nbs/05_callback.ipynb #f76cd4c5
+def finding_lr(learn:Learner)->bool: return any(type(c).__name__ == 'LRFinder' for c in learn.cbs) # is this fit `lr_find`'s?
+
+def join_optimizer(opt, # the learner's optimizer
+                   params:list, # parameters to train with the model, in its last parameter group
+                   states:list|None=None, # their optimizer states (e.g. loaded); default: the ones `opt` holds, or none
+                  ):
+    "Add `params` to the optimizer's last group, each with an optimizer state"
+    opt.param_lists[-1] += params
+    for i, p in enumerate(params): opt.state[p] = states[i] if states else opt.state.get(p, {})
+
+def leave_optimizer(opt, # the learner's optimizer
+                    params:list, # parameters added by `join_optimizer`
+                   )->list: # their optimizer states, in order
+    "Take `params` out of the optimizer again, returning their states"
+    ids, states = {id(p) for p in params}, [opt.state.get(p, {}) for p in params]
+    opt.param_lists[-1] = L(p for p in opt.param_lists[-1] if id(p) not in ids)
+    return states
+
+class ColumnsCallback(Callback):
+    "Base of callbacks with progress columns (`self.columns`): they follow it on and off a learner; leaving cleans up"
+    @property
+    def learn(self)->Learner|None: return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn): # fastai attaches and detaches callbacks by setting `learn`
+        old = self.__dict__.get('_learn')
+        if old is not None and learn is not None and old is not learn and self in old.cbs: raise ValueError(
+            f"This {type(self).__name__} is already attached to another Learner: create one callback per learner.")
+        if learn is None and old is not None:
+            self._cleanup(old)
+            if self.columns in old.cbs: old.remove_cb(self.columns)
+        self.__dict__['_learn'] = learn
+        if learn is not None and self.columns not in learn.cbs: learn.add_cb(self.columns)
+
+    def _cleanup(self, learn:Learner|None): "Undo what the fit set up; safe to repeat"
+
+# %% ../nbs/05_callback.ipynb #0ea6831c
 def _layer_names(student_layers, teacher_layers, activations_student, activations_teacher):
     "Validated (student, teacher) layer names: lists paired one to one, 'auto', or none"
     if activations_student is not None or activations_teacher is not None: # fasterai's names for the same arguments
@@ -91,7 +127,7 @@ def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
         "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
         "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
 
-class KnowledgeDistillationCallback(Callback):
+class KnowledgeDistillationCallback(ColumnsCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
     _stateattrs = ('_teacher', 'kd_loss', 'student_hooks', 'teacher_hooks', 'teacher_pred') # `export` writes the student alone
@@ -129,19 +165,6 @@ class KnowledgeDistillationCallback(Callback):
     @teacher.setter
     def teacher(self, t): self.__dict__['_teacher'] = None if t is None else as_teacher(t)
 
-    @property
-    def learn(self)->Learner|None: return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, learn): # fastai attaches and detaches callbacks by setting `learn`: the columns follow, and leaving cleans up
-        old = self.__dict__.get('_learn')
-        if old is not None and learn is not None and old is not learn and self in old.cbs: raise ValueError(
-            "This KnowledgeDistillationCallback is already attached to another Learner: create one callback per learner.")
-        if learn is None and old is not None:
-            self._cleanup(old)
-            if self.columns in old.cbs: old.remove_cb(self.columns)
-        self.__dict__['_learn'] = learn
-        if learn is not None and self.columns not in learn.cbs: learn.add_cb(self.columns)
-
     def before_fit(self):
         self._cleanup(self.learn) # whatever a fit that raised left behind
         if self.teacher is None or self.kd_loss is None: return # e.g. after `load_learner`: nothing to distil
@@ -152,15 +175,13 @@ class KnowledgeDistillationCallback(Callback):
             self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
         if (p := _first_param(self.model)) is not None: self.kd_loss.to(p.device)
         _check_mixing(self.learn, self.kd_loss)
-        if any(type(c).__name__ == 'LRFinder' for c in self.learn.cbs): # lr_find trains at rates up to 10: keep the loss parts
+        if finding_lr(self.learn): # lr_find trains at rates up to 10: keep the loss parts
             self._snapshot = {k: v.detach().clone() for k, v in self.kd_loss.state_dict().items()}
 
     def before_train(self): # the losses' parameters join the optimizer once the fit has saved it (lr_find, checkpoints)
         if self._loss_params or self.teacher is None or self.kd_loss is None or self.opt is None: return
         self._loss_params = [p for p in self.kd_loss.parameters() if p.requires_grad]
-        self.opt.param_lists[-1] += self._loss_params # trained with the student, following its schedule
-        for p in self._loss_params: # a loaded optimizer keeps its state in a plain dict: give new parameters theirs
-            self.opt.state[p] = self._opt_state.pop(0) if self._opt_state else self.opt.state.get(p, {})
+        join_optimizer(self.opt, self._loss_params, self._opt_state) # trained with the student, following its schedule
         self._opt_state = []
 
     def before_batch(self):
@@ -249,9 +270,7 @@ class KnowledgeDistillationCallback(Callback):
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         if self.teacher is not None: self.teacher.exit()
         if self._loss_params and learn is not None and learn.opt is not None:
-            self._last_opt_state = [learn.opt.state.get(p, {}) for p in self._loss_params] # for `state_dict` after the fit
-            ids = {id(p) for p in self._loss_params}
-            learn.opt.param_lists[-1] = L(p for p in learn.opt.param_lists[-1] if id(p) not in ids)
+            self._last_opt_state = leave_optimizer(learn.opt, self._loss_params) # for `state_dict` after the fit
         self._loss_params, self.on, self._snapshot = [], False, None
 
     def _init_state(self): # after unpickling (`load_learner`): no teacher, nothing hooked
