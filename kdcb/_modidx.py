@@ -20,6 +20,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback._output': ( 'callback.html#knowledgedistillationcallback._output',
                                                                                         'kdcb/callback.py'),
+                               'kdcb.callback.KnowledgeDistillationCallback._warn_unmasked': ( 'callback.html#knowledgedistillationcallback._warn_unmasked',
+                                                                                               'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback.activations_student': ( 'callback.html#knowledgedistillationcallback.activations_student',
                                                                                                     'kdcb/callback.py'),
                                'kdcb.callback.KnowledgeDistillationCallback.activations_teacher': ( 'callback.html#knowledgedistillationcallback.activations_teacher',

@@ -157,7 +157,7 @@ class KnowledgeDistillationCallback(ColumnsCallback):
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        self._loss_params, self.on, self._snapshot, self._opt_state, self._last_opt_state = [], False, None, [], []
+        self._loss_params, self.on, self._snapshot, self._opt_state, self._last_opt_state, self._unmasked = [], False, None, [], [], None
         self.output_fn, self.shift_labels, self.attention_mask = output_fn, shift_labels, attention_mask
 
     @property
@@ -167,6 +167,7 @@ class KnowledgeDistillationCallback(ColumnsCallback):
 
     def before_fit(self):
         self._cleanup(self.learn) # whatever a fit that raised left behind
+        self._unmasked = None # checked on the first batch
         if self.teacher is None or self.kd_loss is None: return # e.g. after `load_learner`: nothing to distil
         self.teacher.enter(self.learn)
         if self.student_layers == 'auto': self._match_layers()
@@ -197,8 +198,9 @@ class KnowledgeDistillationCallback(ColumnsCallback):
 
     def after_loss(self): # the losses, mixed into the task loss fastai computed
         if not self.on or not len(self.yb): return
-        task, dev = plain(self.learn.loss_grad), self.learn.loss_grad.device
-        mixed, terms = self.kd_loss(task, **self.output_sources(),
+        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.output_sources()
+        if self._unmasked is None: self._unmasked = self._warn_unmasked(src['target'])
+        mixed, terms = self.kd_loss(task, **src,
                                     fm_s=self.student_hooks.read() if self.student_hooks else {},
                                     fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
         cls = type(self.learn.loss_grad) # fastai's loss type (e.g. `TensorBase`), which its callbacks may expect
@@ -223,6 +225,14 @@ class KnowledgeDistillationCallback(ColumnsCallback):
                                                             f"{tuple(self.yb[0].shape)}: it must be (B, L) like the token ids.")
             target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
         return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am, student_output=self.pred, teacher_output=self.teacher_pred)
+
+    def _warn_unmasked(self, target)->bool: # once per fit: output losses that take no target cannot leave -100 positions out
+        blind = [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources]
+        if blind and isinstance(target, Tensor) and not target.is_floating_point() and bool((target == -100).any()):
+            warnings.warn(f"This batch's target marks positions to leave out (-100), but {blind} take no target, so they count "
+                          "those positions too (padding, prompts). Use a loss that masks, e.g. `SoftTarget(T=...)` for "
+                          "`LogitsDistillationLoss(temperature=...)`.")
+        return True
 
     def _output(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
 

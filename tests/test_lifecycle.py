@@ -297,3 +297,24 @@ def test_fasterai_schedule_objects_and_partials(dls):
     quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
     assert kd.kd_loss.weights_at(0.5) == pytest.approx([0.4]) and kd.kd_loss.weights_at(1.) == pytest.approx([0.8])
     with pytest.raises(TypeError, match="use 'normalized_kd'"): KnowledgeDistillationCallback(mlp(h=32), partial(DecoupledKD, normalize=True))
+
+
+class TokenModel(nn.Module):
+    "(B, L) token ids -> (B, L, V) logits"
+    def __init__(self, d, v=7): super().__init__(); self.emb, self.head = nn.Embedding(v, d), nn.Linear(d, v)
+    def forward(self, x): return self.head(self.emb(x))
+
+
+def test_label_free_losses_warn_once_when_the_target_masks_positions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 7, (64, 6), generator=g)
+    y = x.clone(); y[:, :2] = -100 # a prompt: no loss there
+    dls = DataLoaders(DataLoader(list(zip(x, y)), bs=16), DataLoader(list(zip(x, y)), bs=16))
+    lf = CrossEntropyLossFlat(ignore_index=-100)
+    with pytest.warns(UserWarning, match=r"\['logits_distillation_loss'\] take no target") as rec:
+        quiet_fit(Learner(dls, TokenModel(4), loss_func=lf), 1, cbs=KnowledgeDistillationCallback(TokenModel(8), LogitsDistillationLoss(2.)))
+    assert sum('take no target' in str(w.message) for w in rec) == 1 # once per fit, not per batch
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        quiet_fit(Learner(dls, TokenModel(4), loss_func=lf), 1, cbs=KnowledgeDistillationCallback(TokenModel(8), SoftTarget(T=2)))
