@@ -291,6 +291,7 @@ class FitNet(ScheduledLoss):
     "Romero et al., ICLR 2015, 'FitNets: Hints for Thin Deep Nets': MSE(r(F_s), F_t), r an optional learned 1x1 regressor"
     def __init__(self, num_student_channels:int|None=None, # with `num_teacher_channels`: learn a 1x1 regressor between them
                  num_teacher_channels:int|None=None, # channels (dimension 1) of the teacher's maps
+                 tokens:bool=False, # (B, L, D) hidden states: the features are the last dimension, positions the middle one
                 ):
         super().__init__(); store_attr()
         if (num_student_channels is None) != (num_teacher_channels is None): raise ValueError(
@@ -305,6 +306,7 @@ class FitNet(ScheduledLoss):
         return self.regressor(f.movedim(1, -1)).movedim(-1, 1) # a 1x1 convolution, for any number of spatial dimensions
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
+        if self.tokens: out_s, out_t = out_s.movedim(-1, 1), out_t.movedim(-1, 1) # features first, like a 1-D map
         return F.mse_loss(*_aligned(self._regress(out_s), out_t, 'FitNet'))
 
 @register_loss
@@ -403,7 +405,7 @@ class HiddenStateCosine(ScheduledLoss):
         if attention_mask is not None: mask = torch.where(attention_mask != 0, 0, self.ignore_index) # padding as ignored labels
         return masked_mean(1 - cos, mask, self.ignore_index)
 
-# %% ../nbs/01_losses.ipynb #306f3251
+# %% ../nbs/01_losses.ipynb #91759f82
 def _attentions(o, what:str)->tuple:
     att = o.get('attentions') if isinstance(o, dict) else getattr(o, 'attentions', None)
     if not att or any(a is None for a in att): raise ValueError(
@@ -440,7 +442,7 @@ class AttentionKL(ScheduledLoss):
             total = total + masked_mean(kl, keep)
         return total / len(self.pairs(len(a_s), len(a_t)))
 
-# %% ../nbs/01_losses.ipynb #f8fe78df
+# %% ../nbs/01_losses.ipynb #3461dacc
 @register_loss
 class MGDLoss(ScheduledLoss):
     "Yang et al., ECCV 2022, 'Masked Generative Distillation' (arXiv 2205.01529) with Model Optimizer's API: α·MSE(G(align(F_s)·M), F_t)"
