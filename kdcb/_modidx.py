@@ -345,6 +345,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdcb.online._EMAStep._init_state': ('online.html#_emastep._init_state', 'kdcb/online.py'),
                              'kdcb.online._EMAStep.after_step': ('online.html#_emastep.after_step', 'kdcb/online.py'),
                              'kdcb.online._acc': ('online.html#_acc', 'kdcb/online.py'),
+                             'kdcb.online._broadcast': ('online.html#_broadcast', 'kdcb/online.py'),
                              'kdcb.online._fit': ('online.html#_fit', 'kdcb/online.py'),
                              'kdcb.online._model': ('online.html#_model', 'kdcb/online.py'),
                              'kdcb.online._peer_target': ('online.html#_peer_target', 'kdcb/online.py'),

@@ -34,6 +34,13 @@ def _snapshot(modules)->list: return [{k: v.detach().clone() for k, v in m.state
 def _restore(modules, snap:list):
     for m, s in zip(modules, snap): m.load_state_dict(s)
 
+@torch.no_grad()
+def _broadcast(modules):
+    "Under DDP, every process takes rank 0's parameters and buffers of `modules` (no-op in one process)"
+    if not (dist.is_available() and dist.is_initialized()): return
+    for m in modules:
+        for t in m.state_dict().values(): dist.broadcast(t, 0)
+
 # %% ../nbs/09_online.ipynb #3cb3d5db
 class _EMAStep(Callback):
     "Updates an `EMATeacher` after every optimizer step of the learner it is attached to"
@@ -68,6 +75,7 @@ class EMATeacher(TeacherSource):
             "set cache_teacher=False with an EMATeacher.")
         p = next(iter([*self.student.parameters(), *self.student.buffers()]), None)
         if p is not None: self.model.to(p.device)
+        _broadcast([self.model]) # under DDP: rank 0's average, as DDP gives every rank rank 0's student
         self._snap = (_snapshot([self.model]), self.n_updates) if finding_lr(learn) else None # lr_find: leave the average as it was
         self._cb = _EMAStep(self)
         learn.add_cb(self._cb)
@@ -140,6 +148,7 @@ class MutualLearning(ColumnsCallback):
         p = next(self.model.parameters(), None)
         for m in self.peers:
             if p is not None: m.to(p.device)
+        _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
         self._snap = _snapshot(self.peers) if finding_lr(self.learn) else None # lr_find: leave the peers as they were
 
     def before_train(self):
@@ -256,6 +265,7 @@ class DeepSupervision(ColumnsCallback):
         self.hooks.attach()
         p = next(self.model.parameters(), None)
         if p is not None: self.heads.to(p.device)
+        _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
         self._snap = _snapshot([self.heads]) if finding_lr(self.learn) else None # lr_find: leave the heads as they were
 
     def before_train(self): # the heads join the optimizer once the fit has saved it (lr_find)
