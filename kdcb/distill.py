@@ -15,7 +15,7 @@ from .core import _LOSSES, _key
 
 # %% auto #0
 __all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'RatioBalance',
-           'UncertaintyBalance', 'FeatureHooks']
+           'UncertaintyBalance', 'WeightLog', 'FeatureHooks']
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
@@ -237,6 +237,42 @@ class UncertaintyBalance(Balancer):
         s, prior = self.log_vars, [1 - sum(weights), *weights]
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
+
+# %% ../nbs/04_distill.ipynb #cd35322a
+from fastai.callback.core import Callback
+
+class WeightLog(Callback):
+    "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
+    order = 56 # after `LossColumns` (55) has added the batch to its sums
+    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.weights = prefix, [], {} # which columns to keep
+
+    def before_fit(self): self.pct, self.weights = [], {}
+    def before_train(self): self.seen = {} # the columns' running sums restart each epoch
+    def after_batch(self):
+        if not self.training: return
+        for c in self.learn.cbs:
+            if type(c).__name__ != 'LossColumns' or c.sums is None: continue
+            s0, n0 = self.seen.get(id(c), (0., 0))
+            if c.n == n0: continue # this batch added nothing to these columns
+            batch = ((c.sums - s0) / (c.n - n0)).tolist() # this batch's values: the change of the running sums
+            self.seen[id(c)] = (c.sums.clone(), c.n)
+            for name, v in zip(c.names, batch):
+                if name.startswith(self.prefix): self.weights.setdefault(name, []).append(v)
+        if self.weights: self.pct.append(float(self.pct_train))
+
+    def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
+             log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
+            ): # the axis
+        "The recorded weights against training progress"
+        if not self.weights: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
+                                              "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
+        import matplotlib.pyplot as plt
+        if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+        for name, w in self.weights.items(): ax.plot(self.pct[-len(w):], w, label=name)
+        if log: ax.set_yscale('log')
+        ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
+        return ax
+
 
 # %% ../nbs/04_distill.ipynb #2fc6131d
 class _LayerHook(Hook):
