@@ -165,7 +165,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdcb.distill.WeightLog': ('distill.html#weightlog', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.__init__': ('distill.html#weightlog.__init__', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.after_batch': ('distill.html#weightlog.after_batch', 'kdcb/distill.py'),
-                              'kdcb.distill.WeightLog.before_fit': ('distill.html#weightlog.before_fit', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.before_train': ('distill.html#weightlog.before_train', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.plot': ('distill.html#weightlog.plot', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook': ('distill.html#_layerhook', 'kdcb/distill.py'),

@@ -246,8 +246,9 @@ class WeightLog(Callback):
     order = 56 # after `LossColumns` (55) has added the batch to its sums
     def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.weights = prefix, [], {} # which columns to keep
 
-    def before_fit(self): self.pct, self.weights = [], {}
-    def before_train(self): self.seen = {} # the columns' running sums restart each epoch
+    def before_train(self):
+        if self.epoch == 0: self.pct, self.weights = [], {} # a new fit (not `before_fit`, which `validate` also fires)
+        self.seen = {} # the columns' running sums restart each epoch
     def after_batch(self):
         if not self.training: return
         for c in self.learn.cbs:
