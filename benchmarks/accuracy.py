@@ -2,10 +2,11 @@
 
 Run: python benchmarks/accuracy.py [--seeds 3] [--epochs 40] [--digits-epochs 30] [--datasets mnist1d,digits] [--weight 0.5]
      python benchmarks/accuracy.py --sweep [--datasets mnist1d] [--temperatures 1,2,4] [--weights 0.5,0.9]
+     python benchmarks/accuracy.py --ablation attention,rkd,soft_target [--datasets mnist1d]  # every subset of the losses
 Both data sets use the demo's recipe (`kdcb.demo`): function matching (the teacher labels the same randomly augmented
 batch the student sees), one-cycle training, the same epochs, seeds and schedule for every row; teacher trained once.
 Prints the environment and markdown tables: final validation accuracy, mean ± std over seeds, and the change from scratch."""
-import argparse, platform, statistics, time
+import argparse, itertools, platform, statistics, time
 import torch
 from torch import nn
 import fastai, sklearn
@@ -55,7 +56,7 @@ def run_rows(name, s, seeds, epochs, T, specs, a):
           f"{len(dls.train.dataset)} training / {len(dls.valid.dataset)} validation samples, {epochs} epochs, "
           f"seeds {list(seeds)}, T={T:g} for soft_target and decoupled_kd, other losses at their defaults\n", flush=True)
     print('| loss | weight | accuracy (%) | vs scratch | s / epoch |\n|---|---|---|---|---|', flush=True)
-    base = None
+    base, means = None, {}
     for spec in specs:
         accs, times = [], []
         for seed in seeds:  # seed fixes the initial student, the batch order and the augmentation: rows are paired
@@ -75,6 +76,8 @@ def run_rows(name, s, seeds, epochs, T, specs, a):
         if base is None: base = m
         w = '—' if spec == 'scratch' else '+'.join(f'{x:g}' for x in weight) if isinstance(weight, list) else f'{weight:g}'
         print(f"| {spec} | {w} | {m:.1f} ± {sd:.1f} | {m - base:+.1f} | {statistics.mean(times):.2f} |", flush=True)
+        means[spec] = m
+    return means
 
 
 def sweep(name, s, seeds, epochs, temps, weights, bar):
@@ -106,6 +109,8 @@ def main():
     p.add_argument('--losses', default=None, help='comma list of rows (default: scratch, every output loss, feature rows)')
     p.add_argument('--sweep', action='store_true', help='sweep temperature x weight for soft_target instead')
     p.add_argument('--temperatures', default='1,2,4'); p.add_argument('--weights', default='0.5,0.9')
+    p.add_argument('--ablation', default=None, help="comma list of losses: a row for every non-empty subset (joined by '+'), "
+                   "and what removing each loss from the full set changes")
     p.add_argument('--bar', action='store_true', help="show fastai's progress bars")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -118,9 +123,16 @@ def main():
         if a.sweep:
             sweep(name, s, seeds, epochs, [float(t) for t in a.temperatures.split(',')], [float(w) for w in a.weights.split(',')], a.bar)
             continue
-        specs = a.losses.split(',') if a.losses else ['scratch'] + OUTPUT_LOSSES + (
+        if a.ablation:
+            names = a.ablation.split(',')
+            specs = ['scratch'] + ['+'.join(c) for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+        else: specs = a.losses.split(',') if a.losses else ['scratch'] + OUTPUT_LOSSES + (
             ['attention+soft_target', 'fit_net+soft_target'] if s['features'] else [])
-        run_rows(name, s, seeds, epochs, a.temperature, specs, a)
+        means = run_rows(name, s, seeds, epochs, a.temperature, specs, a)
+        if a.ablation and len(names) > 1:
+            full = '+'.join(names)
+            print(f"\nRemoving one loss from {full} ({means[full]:.1f}) changes the accuracy by: " + ', '.join(
+                f"{n} {means['+'.join(m for m in names if m != n)] - means[full]:+.1f}" for n in names), flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
