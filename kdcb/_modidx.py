@@ -167,6 +167,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdcb.distill.WeightLog.after_batch': ('distill.html#weightlog.after_batch', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.before_train': ('distill.html#weightlog.before_train', 'kdcb/distill.py'),
                               'kdcb.distill.WeightLog.plot': ('distill.html#weightlog.plot', 'kdcb/distill.py'),
+                              'kdcb.distill.WeightLog.weights': ('distill.html#weightlog.weights', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook': ('distill.html#_layerhook', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook.__init__': ('distill.html#_layerhook.__init__', 'kdcb/distill.py'),
                               'kdcb.distill._LayerHook.hook_fn': ('distill.html#_layerhook.hook_fn', 'kdcb/distill.py'),

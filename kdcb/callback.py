@@ -26,12 +26,13 @@ __all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'Co
 class LossColumns(Callback):
     "Progress-table columns with the training averages of named loss terms, e.g. the task loss and each distillation loss"
     order = 55 # after `Recorder` (50) names the columns and logs validation, before `ProgressCallback` (60) prints them
-    def __init__(self, names:list[str]): self.names, self.sums, self.n = list(names), None, 0
+    def __init__(self, names:list[str]): self.names, self.sums, self.n, self.last = list(names), None, 0, None
 
     def accumulate(self, values:Tensor, # one (batch-mean) value per name
                    bs:int): # the batch size, each value's weight
         "Add one batch's values to the running sums"
-        v = values.detach().float() * bs
+        self.last = values.detach().float() # this batch's values, e.g. for `WeightLog`
+        v = self.last * bs
         self.sums, self.n = (v if self.sums is None else self.sums + v), self.n + bs
 
     def averages(self)->list: # per-sample averages since the epoch began, in the order of `names`

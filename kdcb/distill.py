@@ -238,34 +238,33 @@ class UncertaintyBalance(Balancer):
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
 
-# %% ../nbs/04_distill.ipynb #cd35322a
+# %% ../nbs/04_distill.ipynb #6b6a08f7
 from fastai.callback.core import Callback
 
 class WeightLog(Callback):
     "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
     order = 56 # after `LossColumns` (55) has added the batch to its sums
-    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.weights = prefix, [], {} # which columns to keep
+    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.rows = prefix, [], {} # which columns to keep
 
     def before_train(self):
-        if self.epoch == 0: self.pct, self.weights = [], {} # a new fit (not `before_fit`, which `validate` also fires)
-        self.seen = {} # the columns' running sums restart each epoch
-    def after_batch(self):
+        if self.epoch == 0: self.pct, self.rows = [], {} # a new fit (not `before_fit`, which `validate` also fires)
+    def after_batch(self): # kept as tensors: no device sync per batch
         if not self.training: return
         for c in self.learn.cbs:
-            if type(c).__name__ != 'LossColumns' or c.sums is None: continue
-            s0, n0 = self.seen.get(id(c), (0., 0))
-            if c.n == n0: continue # this batch added nothing to these columns
-            batch = ((c.sums - s0) / (c.n - n0)).tolist() # this batch's values: the change of the running sums
-            self.seen[id(c)] = (c.sums.clone(), c.n)
-            for name, v in zip(c.names, batch):
-                if name.startswith(self.prefix): self.weights.setdefault(name, []).append(v)
-        if self.weights: self.pct.append(float(self.pct_train))
+            if type(c).__name__ != 'LossColumns' or c.last is None: continue
+            for i, name in enumerate(c.names):
+                if name.startswith(self.prefix): self.rows.setdefault(name, []).append(c.last[i])
+        if self.rows: self.pct.append(float(self.pct_train))
+
+    @property
+    def weights(self)->dict[str, list[float]]: # column name -> its value at every recorded batch
+        return {n: torch.stack(v).tolist() for n, v in self.rows.items()}
 
     def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
              log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
             ): # the axis
         "The recorded weights against training progress"
-        if not self.weights: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
+        if not self.rows: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
                                               "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
         import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
@@ -274,8 +273,7 @@ class WeightLog(Callback):
         ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
         return ax
 
-
-# %% ../nbs/04_distill.ipynb #2fc6131d
+# %% ../nbs/04_distill.ipynb #fcec77af
 class _LayerHook(Hook):
     "fastai's `Hook` keeping one layer's output (with its graph) from one forward pass"
     def __init__(self, m:nn.Module, name:str, owner:FeatureHooks):

@@ -184,10 +184,10 @@ class MutualLearning(ColumnsCallback):
 
     def _accumulate(self, preds, y):
         bs, vals = find_bs(self.yb), []
-        for z in preds[1:]: vals += [float(self.loss_func(z, *self.yb)), float(_acc(z, y))]
+        for z in preds[1:]: vals += [plain(self.loss_func(z, *self.yb)).detach().float(), _acc(z, y)]
         cohort = torch.stack([F.softmax(z.float(), -1) for z in preds]).mean(0)
-        vals.append(float(_acc(cohort, y)))
-        self.columns.accumulate(torch.tensor(vals), bs) # the columns show validation figures
+        vals.append(_acc(cohort, y))
+        self.columns.accumulate(torch.stack(vals), bs) # the columns show validation figures; no sync per batch
 
     def after_backward(self): # the peers live outside a DDP-wrapped model: average their gradients
         if self._params and dist.is_available() and dist.is_initialized():
