@@ -12,7 +12,7 @@ from torch import nn, Tensor
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, noop
 from fastcore.foundation import L
 from .core import *
 from .teachers import *
@@ -20,7 +20,8 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'ColumnsCallback', 'KnowledgeDistillationCallback']
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'FitGuard', 'ColumnsCallback',
+           'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #c6f88423
 class LossColumns(Callback):
@@ -66,8 +67,31 @@ def leave_optimizer(opt, # the learner's optimizer
     opt.param_lists[-1] = L(p for p in opt.param_lists[-1] if id(p) not in ids)
     return states
 
+class FitGuard:
+    "Runs a learner's events; when an exception leaves its fit, first calls `_cleanup` of the guarded callbacks"
+    def __init__(self, learn:Learner): self.learn, self.cbs = learn, []
+    def __call__(self, f, event_type, ex, final=noop): # `Learner._with_events`'s arguments
+        try: return type(self.learn)._with_events(self.learn, f, event_type, ex, final)
+        except BaseException:
+            if event_type == 'fit':
+                for cb in self.cbs: cb._cleanup(self.learn)
+            raise
+
+    @staticmethod
+    def add(learn:Learner, cb:Callback): # guard `cb` while it is on `learn`
+        g = learn.__dict__.get('_with_events')
+        if not isinstance(g, FitGuard): g = learn.__dict__['_with_events'] = FitGuard(learn)
+        if cb not in g.cbs: g.cbs.append(cb)
+
+    @staticmethod
+    def remove(learn:Learner, cb:Callback):
+        g = learn.__dict__.get('_with_events')
+        if isinstance(g, FitGuard):
+            g.cbs = [c for c in g.cbs if c is not cb]
+            if not g.cbs: del learn.__dict__['_with_events']
+
 class ColumnsCallback(Callback):
-    "Base of callbacks with progress columns (`self.columns`): they follow it on and off a learner; leaving cleans up"
+    "Base of callbacks with progress columns (`self.columns`): they follow it on and off a learner; leaving or a raising fit cleans up"
     @property
     def learn(self)->Learner|None: return self.__dict__.get('_learn')
     @learn.setter
@@ -77,9 +101,12 @@ class ColumnsCallback(Callback):
             f"This {type(self).__name__} is already attached to another Learner: create one callback per learner.")
         if learn is None and old is not None:
             self._cleanup(old)
+            FitGuard.remove(old, self)
             if self.columns in old.cbs: old.remove_cb(self.columns)
         self.__dict__['_learn'] = learn
-        if learn is not None and self.columns not in learn.cbs: learn.add_cb(self.columns)
+        if learn is not None:
+            FitGuard.add(learn, self)
+            if self.columns not in learn.cbs: learn.add_cb(self.columns)
 
     def _cleanup(self, learn:Learner|None): "Undo what the fit set up; safe to repeat"
 

@@ -28,21 +28,62 @@ class BoomAt(Callback):
         if self.training and self.iter == self.at: raise self.exc('batch failed')
 
 
-@pytest.mark.parametrize('exc', [Boom, KeyboardInterrupt])
-def test_a_fit_that_raises_leaves_nothing_behind(dls, exc):
-    "fit(cbs=...) that raises (also Ctrl-C): no hook on either model, teacher as before, loss parameters out of the optimizer"
+class BoomBeforeFit(Callback):
+    "Raises in `before_fit`, after the distillation callback (order 5) has set everything up"
+    order = 20
+    def before_fit(self): raise KeyboardInterrupt('stopped')
+
+
+@pytest.mark.parametrize('how', ['fit(cbs=)', 'Learner(cbs=)'])
+@pytest.mark.parametrize('exc', [Boom, KeyboardInterrupt, 'before_fit'])
+def test_a_fit_that_raises_leaves_nothing_behind(dls, exc, how):
+    "A fit that raises (also Ctrl-C, also in another callback's before_fit): no hook on either model, teacher as before, loss parameters out of the optimizer"
     teacher, student = conv(8), conv()
     teacher.train(); teacher[1].weight.requires_grad_(False)
     conn = Connectors({'1': nn.Conv1d(4, 8, 1)})
     kd = KnowledgeDistillationCallback(teacher, ['soft_target', Connected(FitNet(), conn)], ['1'], ['1'], weight=[.4, .1])
-    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat())
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=kd if how == 'Learner(cbs=)' else None)
     learn.create_opt()
     n0 = len(learn.opt.param_lists[-1])
-    with pytest.raises(exc): quiet_fit(learn, 1, cbs=[kd, BoomAt(2, exc)])
+    boom = BoomBeforeFit() if exc == 'before_fit' else BoomAt(2, exc)
+    spy = []
+    class Spy(Callback): # records what the fit had set up, to be sure there was something to clean
+        order = 8
+        def before_train(self): spy.append((n_hooks(student), len(self.opt.param_lists[-1])))
+    with pytest.raises(KeyboardInterrupt if exc == 'before_fit' else exc):
+        quiet_fit(learn, 1, cbs=[boom, Spy()] + ([kd] if how == 'fit(cbs=)' else []))
+    if exc != 'before_fit': assert spy == [(1, n0 + 2)] # student hooked, connector in the optimizer
     assert n_hooks(student, teacher) == 0
     assert all(m.training for m in teacher.modules()) and [p.requires_grad for p in teacher.parameters()] == [False] + [True]*5
     assert len(learn.opt.param_lists[-1]) == n0
-    assert kd not in learn.cbs and kd.columns not in learn.cbs
+    assert (kd in learn.cbs) == (how == 'Learner(cbs=)') and (kd.columns in learn.cbs) == (how == 'Learner(cbs=)')
+    if how == 'Learner(cbs=)': # still attached: the next fit distils as before
+        quiet_fit(learn, 1)
+        assert n_hooks(student, teacher) == 0 and len(learn.opt.param_lists[-1]) == n0
+        assert all(v is not None for v in kd.averages())
+
+
+def exportable(dls):
+    "The toy data as fastai `Datasets`, which `Learner.export` can empty"
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemGetter
+    items = list(dls.train.dataset) + list(dls.valid.dataset)
+    return Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(192)), list(range(192, 256))]).dataloaders(bs=32)
+
+
+def test_the_guard_comes_and_goes_with_the_callbacks(dls, tmp_path):
+    "FitGuard stands in for Learner._with_events while a distillation callback is attached, and survives export"
+    kd, dls = KnowledgeDistillationCallback(conv(8)), exportable(dls)
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), cbs=kd)
+    assert isinstance(learn.__dict__['_with_events'], FitGuard) and learn._with_events.cbs == [kd]
+    learn.export(tmp_path/'m.pkl')
+    from fastai.learner import load_learner
+    loaded = load_learner(tmp_path/'m.pkl')
+    assert isinstance(loaded._with_events, FitGuard) and loaded._with_events.learn is loaded
+    loaded.predict(dls.valid_ds[0][0])
+    learn.remove_cb(kd)
+    assert '_with_events' not in learn.__dict__
+    quiet_fit(learn, 1) # a plain fit again
 
 
 def test_the_teacher_learner_still_trains_after_a_failed_distillation(dls):
@@ -172,10 +213,7 @@ def test_lr_find_leaves_loss_parts_and_optimizer_as_before(dls, tmp_path):
 @pytest.mark.parametrize('how', ['save_load', 'export'])
 def test_fit_again_after_save_load_or_export(dls, tmp_path, how):
     "Before: KeyError 'Parameter containing' (the loaded optimizer had no state for the loss parameters)"
-    from fastai.data.core import Datasets
-    from fastai.data.transforms import ItemGetter
-    items = list(dls.train.dataset) + list(dls.valid.dataset)
-    dls = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(192)), list(range(192, 256))]).dataloaders(bs=32)
+    dls = exportable(dls)
     learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
     kd = _fitnet_kd(conv(8))
     quiet_fit(learn, 1, cbs=kd)
