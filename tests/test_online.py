@@ -61,10 +61,11 @@ def test_ema_fit_that_raises_leaves_no_updater(dls, exc):
 
 
 def test_ema_in_learner_cbs_after_a_raise_counts_each_step_once(dls):
-    "A callback given to Learner(cbs=): a fit that raised leaves its updater until the next fit, which replaces it"
+    "A callback given to Learner(cbs=): a fit that raised takes its updater off at once; the next fit adds it again"
     s = conv(); ema = EMATeacher(s, .9)
     learn = learner(dls, s, cbs=KnowledgeDistillationCallback(ema))
     with pytest.raises(Boom): quiet_fit(learn, 1, cbs=BoomAt(2))
+    assert updaters(learn) == [] and ema.n_updates == 2
     steps = Steps()
     quiet_fit(learn, 1, cbs=steps)
     assert ema.n_updates == 2 + steps.n and updaters(learn) == []
@@ -124,13 +125,14 @@ def test_ema_moves_towards_the_student_not_away(dls):
 
 # ---- MutualLearning
 
+@pytest.mark.parametrize('in_learner', [False, True])
 @pytest.mark.parametrize('exc', [Boom, KeyboardInterrupt])
-def test_mutual_fit_that_raises_leaves_the_optimizer_as_it_was(dls, exc):
-    learn = learner(dls, conv()); learn.create_opt()
-    n0 = len(learn.opt.param_lists[-1])
+def test_mutual_fit_that_raises_leaves_the_optimizer_as_it_was(dls, exc, in_learner):
     ml = MutualLearning([conv(), mlp()])
-    with pytest.raises(exc): quiet_fit(learn, 1, cbs=[ml, BoomAt(2, exc)])
-    assert len(learn.opt.param_lists[-1]) == n0 and ml not in learn.cbs and ml.columns not in learn.cbs
+    learn = learner(dls, conv(), cbs=ml if in_learner else None); learn.create_opt()
+    n0 = len(learn.opt.param_lists[-1])
+    with pytest.raises(exc): quiet_fit(learn, 1, cbs=[BoomAt(2, exc)] + ([] if in_learner else [ml]))
+    assert len(learn.opt.param_lists[-1]) == n0 and (ml in learn.cbs) == in_learner and (ml.columns in learn.cbs) == in_learner
 
 
 def test_mutual_export_writes_the_learners_model_alone(tmp_path):
