@@ -20,8 +20,8 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'FitGuard', 'ColumnsCallback',
-           'KnowledgeDistillationCallback']
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitGuard', 'ColumnsCallback',
+           'class_axis', 'OutputAlignment', 'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #c6f88423
 class LossColumns(Callback):
@@ -67,6 +67,41 @@ def leave_optimizer(opt, # the learner's optimizer
     opt.param_lists[-1] = L(p for p in opt.param_lists[-1] if id(p) not in ids)
     return states
 
+class TrainedParts:
+    "Modules trained with the learner's model but outside it (connectors, peers, heads), for the length of a fit"
+    def __init__(self): self.modules, self.params, self.saved, self.last, self._snap = [], [], [], [], None
+
+    def enter(self, learn:Learner, modules:list[nn.Module]): # at `before_fit`
+        "Take `modules` into this fit; `lr_find` (which trains at rates up to 10) gets a copy of their state to put back"
+        self.modules = list(modules)
+        self._snap = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules] if finding_lr(learn) else None
+
+    def join(self, opt): # at `before_train`: once the fit has saved the optimizer (lr_find, checkpoints)
+        "Their trainable parameters join the optimizer's last group, with the optimizer state loaded into `saved`, if any"
+        if self.params or opt is None: return
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        join_optimizer(opt, self.params, self.saved); self.saved = []
+
+    def average_gradients(self): # at `after_backward`
+        "Under DDP: average their gradients over the processes (they live outside the DDP-wrapped model)"
+        if self.params and dist.is_available() and dist.is_initialized():
+            for p in self.params:
+                if p.grad is not None: dist.all_reduce(p.grad); p.grad /= dist.get_world_size()
+
+    def restore(self): # at `after_fit`
+        "After `lr_find`: their state as before it"
+        for m, s in zip(self.modules, self._snap or []): m.load_state_dict(s)
+
+    def leave(self, learn:Learner|None): # when the callback cleans up; safe to repeat
+        "Out of the optimizer again, keeping their optimizer state in `last`"
+        if self.params and learn is not None and learn.opt is not None: self.last = leave_optimizer(learn.opt, self.params)
+        self.params, self._snap = [], None
+
+    def opt_state(self, opt)->list: # one dict per parameter, or [] when the optimizer never stepped them
+        "Their optimizer state: live during a fit, else the one they left with"
+        state = [opt.state.get(p, {}) for p in self.params] if self.params and opt is not None else self.last
+        return list(state) if any(state) else []
+
 class FitGuard:
     "Runs a learner's events; when an exception leaves its fit, first calls `_cleanup` of the guarded callbacks"
     def __init__(self, learn:Learner): self.learn, self.cbs = learn, []
@@ -110,7 +145,62 @@ class ColumnsCallback(Callback):
 
     def _cleanup(self, learn:Learner|None): "Undo what the fit set up; safe to repeat"
 
-# %% ../nbs/05_callback.ipynb #0ea6831c
+# %% ../nbs/05_callback.ipynb #332c988e
+def class_axis(loss_func, # the learner's task loss
+               pred:Tensor, # the student's logits
+              )->int: # where the classes are in `pred` (-1: last)
+    "The class axis of the logits, as the task loss has it (`CrossEntropyLossFlat(axis=1)` for segmentation maps)"
+    lf = getattr(loss_func, '__self__', None) # fastai's MixUp swaps in a bound method of its own
+    axis = getattr(getattr(lf, 'old_lf', loss_func), 'axis', None)
+    if axis is None and pred.ndim > 3: raise ValueError(
+        f"The student's logits have shape {tuple(pred.shape)}: say which axis holds the classes with a task loss "
+        "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
+    return -1 if axis is None else axis
+
+class OutputAlignment:
+    "What output losses compare on a batch: each model's output as a tensor with the classes last, the target aligned and masked"
+    def __init__(self, output_fn:Callable|None=None, # what to take from a model's output (default `output_tensor`: `.logits` or the first tensor)
+                 shift_labels:bool=False, # causal LMs with `labels = input_ids` (Hugging Face's convention): logit i is scored against target i+1
+                 attention_mask:int|Callable|None=None, # the batch's (B, L) mask, 0 for padding: index into `xb`, or a function of `xb`
+                 label_free:list[str]=(), # names of output losses that take no target (warned about if the target masks positions)
+                ): store_attr(); self.checked = False
+
+    def __call__(self, learn:Learner, teacher_pred)->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and both raw outputs
+        pred, tp = self.tensor(learn.pred, 'the student output'), self.tensor(teacher_pred, 'the teacher output')
+        axis = class_axis(learn.loss_func, pred)
+        pred, tp = pred.movedim(axis, -1), tp.movedim(axis, -1) # output losses take the classes last
+        target, am = plain(learn.yb[0]) if len(learn.yb) == 1 else learn.yb, self.mask(learn.xb)
+        if self.shift_labels:
+            if not isinstance(target, Tensor) or target.ndim < 2 or pred.ndim < 3: raise ValueError(
+                f"shift_labels=True aligns (B, L, V) logits with (B, L) labels, got logits {tuple(pred.shape)} and target "
+                f"{getattr(target, 'shape', type(target).__name__)}: use it for causal language models only.")
+            pred, tp, target = pred[:, :-1], tp[:, :-1], target[:, 1:] # logit i predicts token i+1
+        if am is not None and isinstance(target, Tensor) and not target.is_floating_point():
+            keep = am[:, 1:] if self.shift_labels else am # the mask of the predicted token
+            if keep.shape != target.shape: raise ValueError(f"attention_mask {tuple(am.shape)} does not fit the target "
+                                                            f"{tuple(learn.yb[0].shape)}: it must be (B, L) like the token ids.")
+            target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
+        if not self.checked: self.checked = self.warn_unmasked(target)
+        return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am, student_output=learn.pred, teacher_output=teacher_pred)
+
+    def tensor(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
+
+    def mask(self, xb:tuple)->Tensor|None:
+        a = self.attention_mask
+        if a is None: return None
+        if callable(a): return plain(a(xb))
+        if not -len(xb) <= a < len(xb): raise IndexError(
+            f"attention_mask={a} is an index into the batch inputs `xb`, which hold {len(xb)} tensor(s).")
+        return plain(xb[a])
+
+    def warn_unmasked(self, target)->bool:
+        if self.label_free and isinstance(target, Tensor) and not target.is_floating_point() and bool((target == -100).any()):
+            warnings.warn(f"This batch's target marks positions to leave out (-100), but {list(self.label_free)} take no target, "
+                          "so they count those positions too (padding, prompts). Use a loss that masks, e.g. `SoftTarget(T=...)` "
+                          "for `LogitsDistillationLoss(temperature=...)`.")
+        return True
+
+# %% ../nbs/05_callback.ipynb #62b2e614
 def _layer_names(student_layers, teacher_layers, activations_student, activations_teacher):
     "Validated (student, teacher) layer names: lists paired one to one, 'auto', or none"
     if activations_student is not None or activations_teacher is not None: # fasterai's names for the same arguments
@@ -155,10 +245,16 @@ def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
         "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
         "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
 
+def _pairs_on_data(learn:Learner, teacher_model:nn.Module):
+    "Layer pairs matched on one batch of the learner's data (the validation set's: drawing it changes no shuffling state)"
+    dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
+    b = dl.one_batch()
+    return auto_pairs(learn.model, teacher_model, b[:getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)])
+
 class KnowledgeDistillationCallback(ColumnsCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
-    _stateattrs = ('_teacher', 'kd_loss', 'student_hooks', 'teacher_hooks', 'teacher_pred') # `export` writes the student alone
+    _stateattrs = ('_teacher', 'kd_loss', 'parts', 'student_hooks', 'teacher_hooks', 'teacher_pred') # `export` writes the student alone
 
     def __init__(self,
                  teacher:nn.Module|Learner|list|TeacherSource, # the trained teacher (a model or `Learner`), a list of them, or a source
@@ -185,8 +281,9 @@ class KnowledgeDistillationCallback(ColumnsCallback):
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        self._loss_params, self.on, self._snapshot, self._opt_state, self._last_opt_state, self._unmasked = [], False, None, [], [], None
-        self.output_fn, self.shift_labels, self.attention_mask = output_fn, shift_labels, attention_mask
+        self.parts, self.on = TrainedParts(), False # the losses' own parameters (connectors, regressors, generators)
+        self.align = OutputAlignment(output_fn, shift_labels, attention_mask,
+                                     [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources])
 
     @property
     def teacher(self)->TeacherSource|None: return self.__dict__.get('_teacher') # None after `load_learner`: nothing to distil
@@ -195,23 +292,21 @@ class KnowledgeDistillationCallback(ColumnsCallback):
 
     def before_fit(self):
         self._cleanup(self.learn) # whatever a fit that raised left behind
-        self._unmasked = None # checked on the first batch
+        self.align.checked = False # the target's masking is checked on the first batch
         if self.teacher is None or self.kd_loss is None: return # e.g. after `load_learner`: nothing to distil
         self.teacher.enter(self.learn)
-        if self.student_layers == 'auto': self._match_layers()
+        if self.student_layers == 'auto':
+            self.pairs = _pairs_on_data(self.learn, self.teacher.model)
+            self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
         if len(self.student_layers):
             self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
             self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
         if (p := _first_param(self.model)) is not None: self.kd_loss.to(p.device)
         _check_mixing(self.learn, self.kd_loss)
-        if finding_lr(self.learn): # lr_find trains at rates up to 10: keep the loss parts
-            self._snapshot = {k: v.detach().clone() for k, v in self.kd_loss.state_dict().items()}
+        self.parts.enter(self.learn, [self.kd_loss])
 
-    def before_train(self): # the losses' parameters join the optimizer once the fit has saved it (lr_find, checkpoints)
-        if self._loss_params or self.teacher is None or self.kd_loss is None or self.opt is None: return
-        self._loss_params = [p for p in self.kd_loss.parameters() if p.requires_grad]
-        join_optimizer(self.opt, self._loss_params, self._opt_state) # trained with the student, following its schedule
-        self._opt_state = []
+    def before_train(self): # the losses' parameters join the optimizer, trained with the student, following its schedule
+        if self.teacher is not None and self.kd_loss is not None: self.parts.join(self.opt)
 
     def before_batch(self):
         self.on = self.teacher is not None and self.kd_loss is not None and (self.training or self.distill_valid)
@@ -226,8 +321,7 @@ class KnowledgeDistillationCallback(ColumnsCallback):
 
     def after_loss(self): # the losses, mixed into the task loss fastai computed
         if not self.on or not len(self.yb): return
-        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.output_sources()
-        if self._unmasked is None: self._unmasked = self._warn_unmasked(src['target'])
+        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.align(self.learn, self.teacher_pred)
         mixed, terms = self.kd_loss(task, **src,
                                     fm_s=self.student_hooks.read() if self.student_hooks else {},
                                     fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
@@ -236,46 +330,7 @@ class KnowledgeDistillationCallback(ColumnsCallback):
         self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
         if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
 
-    def output_sources(self)->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and the raw outputs, as the losses receive them
-        "The outputs and target of this batch, aligned (`shift_labels`) and with padding masked as `ignore_index` (-100)"
-        pred, tp = self._output(self.pred, 'the student output'), self._output(self.teacher_pred, 'the teacher output')
-        axis = self._class_axis(pred)
-        pred, tp = pred.movedim(axis, -1), tp.movedim(axis, -1) # output losses take the classes last
-        target, am = plain(self.yb[0]) if len(self.yb) == 1 else self.yb, self._attention_mask()
-        if self.shift_labels:
-            if not isinstance(target, Tensor) or target.ndim < 2 or pred.ndim < 3: raise ValueError(
-                f"shift_labels=True aligns (B, L, V) logits with (B, L) labels, got logits {tuple(pred.shape)} and target "
-                f"{getattr(target, 'shape', type(target).__name__)}: use it for causal language models only.")
-            pred, tp, target = pred[:, :-1], tp[:, :-1], target[:, 1:] # logit i predicts token i+1
-        if am is not None and isinstance(target, Tensor) and not target.is_floating_point():
-            keep = am[:, 1:] if self.shift_labels else am # the mask of the predicted token
-            if keep.shape != target.shape: raise ValueError(f"attention_mask {tuple(am.shape)} does not fit the target "
-                                                            f"{tuple(self.yb[0].shape)}: it must be (B, L) like the token ids.")
-            target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
-        return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am, student_output=self.pred, teacher_output=self.teacher_pred)
-
-    def _warn_unmasked(self, target)->bool: # once per fit: output losses that take no target cannot leave -100 positions out
-        blind = [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources]
-        if blind and isinstance(target, Tensor) and not target.is_floating_point() and bool((target == -100).any()):
-            warnings.warn(f"This batch's target marks positions to leave out (-100), but {blind} take no target, so they count "
-                          "those positions too (padding, prompts). Use a loss that masks, e.g. `SoftTarget(T=...)` for "
-                          "`LogitsDistillationLoss(temperature=...)`.")
-        return True
-
-    def _output(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
-
-    def _attention_mask(self)->Tensor|None:
-        a = self.attention_mask
-        if a is None: return None
-        if callable(a): return plain(a(self.xb))
-        if not -len(self.xb) <= a < len(self.xb): raise IndexError(
-            f"attention_mask={a} is an index into the batch inputs `xb`, which hold {len(self.xb)} tensor(s).")
-        return plain(self.xb[a])
-
-    def after_backward(self): # the losses' parameters live outside the DDP-wrapped model: average their gradients
-        if self._loss_params and dist.is_available() and dist.is_initialized():
-            for p in self._loss_params:
-                if p.grad is not None: dist.all_reduce(p.grad); p.grad /= dist.get_world_size()
+    def after_backward(self): self.parts.average_gradients() # under DDP
 
     def after_batch(self):
         self.teacher_pred = None
@@ -283,37 +338,20 @@ class KnowledgeDistillationCallback(ColumnsCallback):
             if h: h.clear()
 
     def after_fit(self):
-        if self._snapshot is not None: self.kd_loss.load_state_dict(self._snapshot) # as before lr_find
+        self.parts.restore() # as before lr_find
         self._cleanup(self.learn)
-
-    def _class_axis(self, pred:Tensor)->int: # where the classes are in the logits `pred`: the task loss says (`CrossEntropyLossFlat(axis=1)`)
-        lf = getattr(self.learn.loss_func, '__self__', None) # fastai's MixUp swaps in a bound method of its own
-        lf = getattr(lf, 'old_lf', self.learn.loss_func)
-        axis = getattr(lf, 'axis', None)
-        if axis is None and pred.ndim > 3: raise ValueError(
-            f"The student's logits have shape {tuple(pred.shape)}: say which axis holds the classes with a task loss "
-            "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
-        return -1 if axis is None else axis
-
-    def _match_layers(self):
-        "Pair layers on one batch of the learner's data (the validation set's: drawing it changes no shuffling state)"
-        dl = self.dls.valid if len(self.dls.valid) else self.dls.train
-        b = dl.one_batch()
-        self.pairs = auto_pairs(self.model, self.teacher.model, b[:getattr(self.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)])
-        self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
 
     def _cleanup(self, learn:Learner|None):
         "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
         if self.student_hooks: self.student_hooks.remove()
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         if self.teacher is not None: self.teacher.exit()
-        if self._loss_params and learn is not None and learn.opt is not None:
-            self._last_opt_state = leave_optimizer(learn.opt, self._loss_params) # for `state_dict` after the fit
-        self._loss_params, self.on, self._snapshot = [], False, None
+        self.parts.leave(learn)
+        self.on = False
 
     def _init_state(self): # after unpickling (`load_learner`): no teacher, nothing hooked
-        self.__dict__.update(_teacher=None, kd_loss=None, student_hooks=None, teacher_hooks=None, teacher_pred=None,
-                             _loss_params=[], on=False, _snapshot=None, _opt_state=[], _last_opt_state=[])
+        self.__dict__.update(_teacher=None, kd_loss=None, parts=TrainedParts(), student_hooks=None, teacher_hooks=None,
+                             teacher_pred=None, on=False)
 
     @property
     def column_names(self)->list[str]: return self.columns.names # 'task_loss', then one per distillation loss
@@ -321,16 +359,14 @@ class KnowledgeDistillationCallback(ColumnsCallback):
 
     def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
         "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
-        live = self._loss_params and self.learn is not None and self.opt is not None # during a fit
-        state = [self.opt.state.get(p, {}) for p in self._loss_params] if live else self._last_opt_state
-        return {'losses': self.kd_loss.state_dict(), 'optimizer': list(state) if any(state) else []}
+        return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
 
     def load_state_dict(self, state:dict): # as returned by `state_dict`
         "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
         try: self.kd_loss.load_state_dict(state['losses'])
         except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
             f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
-        self._opt_state = list(state.get('optimizer', []))
+        self.parts.saved = list(state.get('optimizer', []))
 
     # fasterai's attribute names
     @property

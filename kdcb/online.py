@@ -22,7 +22,7 @@ from .core import *
 from .losses import SoftTarget
 from .teachers import TeacherSource
 from .distill import DistillationLoss, FeatureHooks
-from .callback import LossColumns, KnowledgeDistillationCallback, ColumnsCallback, finding_lr, join_optimizer, leave_optimizer
+from .callback import LossColumns, KnowledgeDistillationCallback, ColumnsCallback, TrainedParts, finding_lr
 
 # %% auto #0
 __all__ = ['EMATeacher', 'MutualLearning', 'AuxHead', 'DeepSupervision', 'Progressive', 'progressive_temperature',
@@ -121,7 +121,7 @@ def _acc(pred:Tensor, y:Tensor)->Tensor: # accuracy over positions whose label i
 class MutualLearning(ColumnsCallback):
     "Deep Mutual Learning (Zhang et al. 2018): the learner's model and its `peers` trained together, each from the labels and the others' softened predictions"
     order = 5 # like the distillation callback: before GradientAccumulation (6) and while MixedPrecision's autocast is on
-    _stateattrs = ('peers', 'kd_losses', 'peer_preds', '_last') # `export` writes the learner's model alone
+    _stateattrs = ('peers', 'kd_losses', 'parts', 'peer_preds', '_last') # `export` writes the learner's model alone
 
     def __init__(self, peers:nn.Module|list[nn.Module], # the other students of the cohort (the learner's model is the first)
                  T:float|Callable=1., # temperature of the KL to the others' mean prediction (the paper: 1)
@@ -134,11 +134,11 @@ class MutualLearning(ColumnsCallback):
         self.kd_losses = [DistillationLoss(SoftTarget(T), weight) for _ in range(len(self.peers) + 1)]
         names = [f'peer{i}' for i in range(1, len(self.peers) + 1)]
         self.columns = LossColumns([*(f'{n}_{c}' for n in names for c in ('valid_loss', 'accuracy')), 'cohort_accuracy'])
-        self.peer_preds, self._params, self._last, self._snap = None, [], None, None
+        self.peer_preds, self.parts, self._last = None, TrainedParts(), None
 
 
     def _init_state(self): # after `load_learner`: no peers, nothing to do
-        self.__dict__.update(peers=None, kd_losses=None, peer_preds=None, _params=[], _last=None, _snap=None)
+        self.__dict__.update(peers=None, kd_losses=None, peer_preds=None, parts=TrainedParts(), _last=None)
 
     def before_fit(self):
         self._cleanup(self.learn)
@@ -149,13 +149,11 @@ class MutualLearning(ColumnsCallback):
         for m in self.peers:
             if p is not None: m.to(p.device)
         _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
-        self._snap = _snapshot(self.peers) if finding_lr(self.learn) else None # lr_find: leave the peers as they were
+        self.parts.enter(self.learn, self.peers) # trained by the learner's optimizer; lr_find leaves them as they were
 
     def before_train(self):
         for m in self.peers or []: m.train()
-        if self.peers is None or self._params or self.opt is None: return # join once the fit has saved the optimizer (lr_find)
-        self._params = [q for m in self.peers for q in m.parameters() if q.requires_grad]
-        join_optimizer(self.opt, self._params) # each peer trained by the learner's optimizer
+        if self.peers is not None: self.parts.join(self.opt)
     def before_validate(self):
         for m in self.peers or []: m.eval()
 
@@ -189,20 +187,17 @@ class MutualLearning(ColumnsCallback):
         vals.append(_acc(cohort, y))
         self.columns.accumulate(torch.stack(vals), bs) # the columns show validation figures; no sync per batch
 
-    def after_backward(self): # the peers live outside a DDP-wrapped model: average their gradients
-        if self._params and dist.is_available() and dist.is_initialized():
-            for p in self._params:
-                if p.grad is not None: dist.all_reduce(p.grad); p.grad /= dist.get_world_size()
+    def after_backward(self): self.parts.average_gradients() # under DDP
 
     def after_batch(self): self.peer_preds = None
     def after_fit(self):
-        if self._snap is not None: _restore(self.peers, self._snap) # as before lr_find
+        self.parts.restore() # as before lr_find
         self._cleanup(self.learn)
 
     def _cleanup(self, learn:Learner|None):
         "Take the peers out of the optimizer; safe to repeat, and after a fit that raised"
-        if self._params and learn is not None and learn.opt is not None: leave_optimizer(learn.opt, self._params)
-        self._params, self.peer_preds, self._snap = [], None, None
+        self.parts.leave(learn)
+        self.peer_preds = None
 
     def peer_learner(self, i:int, # 1 for the first peer, ... (0: the learner's own model)
                     )->Learner:
@@ -226,7 +221,7 @@ class AuxHead(nn.Sequential):
 class DeepSupervision(ColumnsCallback):
     "Be Your Own Teacher (Zhang et al. 2019): auxiliary heads on hooked layers learn from the labels and from the model's own softened output"
     order = 5 # before GradientAccumulation (6), while MixedPrecision's autocast is on
-    _stateattrs = ('hooks', 'feats') # `export` writes the model alone (the heads are not part of it)
+    _stateattrs = ('hooks', 'feats', 'parts') # `export` writes the model alone (the heads are not part of it)
 
     def __init__(self, layers:list[str], # dotted names of the student's layers that get an auxiliary head, shallow to deep
                  T:float|Callable=3., # temperature of the KL from each head to the model's output (the paper: 3)
@@ -238,11 +233,11 @@ class DeepSupervision(ColumnsCallback):
         if not aux_weight >= 0: raise ValueError(f"aux_weight={aux_weight!r} must be >= 0.")
         self.layers, self.aux_weight = list(layers), aux_weight
         self.kd_loss = DistillationLoss(SoftTarget(T), weight)
-        self.heads, self.hooks, self.feats, self._params, self._snap = None, None, None, [], None
+        self.heads, self.hooks, self.feats, self.parts = None, None, None, TrainedParts()
         self.columns = LossColumns([f'aux{i}_{c}' for i in range(len(self.layers)) for c in ('loss', 'accuracy')])
 
 
-    def _init_state(self): self.__dict__.update(hooks=None, feats=None, _params=[], _snap=None)
+    def _init_state(self): self.__dict__.update(hooks=None, feats=None, parts=TrainedParts())
 
     def _build_heads(self):
         "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
@@ -266,12 +261,9 @@ class DeepSupervision(ColumnsCallback):
         p = next(self.model.parameters(), None)
         if p is not None: self.heads.to(p.device)
         _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
-        self._snap = _snapshot([self.heads]) if finding_lr(self.learn) else None # lr_find: leave the heads as they were
+        self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
 
-    def before_train(self): # the heads join the optimizer once the fit has saved it (lr_find)
-        if self._params or self.opt is None: return
-        self._params = list(self.heads.parameters())
-        join_optimizer(self.opt, self._params)
+    def before_train(self): self.parts.join(self.opt)
 
     def before_batch(self):
         self.hooks.clear()
@@ -293,22 +285,18 @@ class DeepSupervision(ColumnsCallback):
             self.learn.loss_grad = (self.learn.loss_grad + self.aux_weight * total).as_subclass(cls)
         else: self.columns.accumulate(torch.stack(vals), find_bs(self.yb)) # columns: validation figures of every head
 
-    def after_backward(self):
-        if self._params and dist.is_available() and dist.is_initialized():
-            for p in self._params:
-                if p.grad is not None: dist.all_reduce(p.grad); p.grad /= dist.get_world_size()
+    def after_backward(self): self.parts.average_gradients() # under DDP
 
     def after_batch(self):
         if self.hooks: self.hooks.clear()
     def after_fit(self):
-        if self._snap is not None: _restore([self.heads], self._snap) # as before lr_find
+        self.parts.restore() # as before lr_find
         self._cleanup(self.learn)
 
     def _cleanup(self, learn:Learner|None):
         "Hooks off, heads out of the optimizer; safe to repeat"
         if self.hooks: self.hooks.remove()
-        if self._params and learn is not None and learn.opt is not None: leave_optimizer(learn.opt, self._params)
-        self._params, self._snap = [], None
+        self.parts.leave(learn)
 
     def state_dict(self)->dict: return {} if self.heads is None else self.heads.state_dict() # the heads, to resume
     def load_state_dict(self, state:dict):
