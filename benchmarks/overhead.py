@@ -21,7 +21,7 @@ needed (activations, gradients, optimizer state, teacher activations, hooked fea
 with a fixed mmap threshold there, so large freed blocks go back to the kernel and the peak follows live memory
 rather than the allocator's caching. CUDA: `torch.cuda.max_memory_allocated` around each fit, in this process.
 Where CUDA is available the same variants are measured there too, under autocast (`learn.to_fp16()`)."""
-import argparse, json, os, platform, tempfile, statistics, subprocess, sys, time
+import argparse, inspect, json, os, platform, tempfile, statistics, subprocess, sys, time
 from collections import OrderedDict
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ import fastai.callback.progress, fastai.callback.fp16
 from kdcb.all import *
 from kdcb.demo import mnist1d, tensor_dls, n_params
 
-VARIANTS = ('plain', 'teacher', 'by_hand', 'soft_target', 'attention')
+VARIANTS = ('plain', 'teacher', 'by_hand', 'soft_target', 'attention') # --losses and --fasterai change it
 STAGES = ['s1', 's2', 's3', 's4']
 
 
@@ -109,11 +109,52 @@ class ByHand(Callback):
         self.t_out = None
 
 
+FEATURE_LOSSES = {'attention', 'similarity', 'fit_net', 'activation_boundaries'}
+FASTERAI = {'soft_target': 'SoftTarget', 'decoupled_kd': 'DecoupledKD', 'attention': 'Attention', 'similarity': 'Similarity',
+            'logits': 'Logits', 'activation_boundaries': 'ActivationBoundaries'} # fasterai 0.4.1's names (fit_net needs equal widths there)
+
+
+class ByHandLoss(Callback):
+    "The same, for any kdcb loss object, called directly: plain forward hooks on the paired layers, no kdcb machinery"
+    def __init__(self, teacher, loss):
+        self.teacher_model, self.loss, self.feature = teacher, get_loss(loss), loss in FEATURE_LOSSES
+        self.with_target = len(inspect.signature(self.loss.forward).parameters) > 2
+    def before_fit(self):
+        self.teacher_model.eval(); self.fs, self.ft, self.handles = {}, {}, []
+        if not self.feature: return
+        for model, store in ((self.model, self.fs), (self.teacher_model, self.ft)):
+            for n in layer_names():
+                self.handles.append(get_module(model, n).register_forward_hook(lambda m, i, o, n=n, store=store: store.__setitem__(n, o)))
+    def after_fit(self):
+        for h in self.handles: h.remove()
+    def after_pred(self):
+        if self.training:
+            with torch.no_grad(): self.t_out = self.teacher_model(*self.xb)
+    def after_loss(self):
+        if not self.training: return
+        if self.feature: l = sum(self.loss(self.fs[n], self.ft[n]) for n in layer_names())
+        else: l = self.loss(self.pred, self.t_out, *self.yb) if self.with_target else self.loss(self.pred, self.t_out)
+        self.learn.loss_grad = 0.5 * self.learn.loss_grad + 0.5 * l
+        self.learn.loss = self.learn.loss_grad.detach().clone()
+        self.t_out = None; self.fs.clear(); self.ft.clear()
+
+
+def floor(v): return 'by_hand' if v.startswith('by_hand') else f"by_hand:{v.split(':')[-1]}"
+
+
+def layer_names(): return ['layer1', 'layer2', 'layer3', 'layer4'] if RESNET else STAGES
+
+
 def kd_cb(variant, teacher):
+    "The callback of a variant: 'by_hand', a kdcb loss name, 'by_hand:<loss>' (that loss without kdcb's callback) or 'fasterai:<loss>'"
     if variant == 'by_hand': return ByHand(teacher)
-    if variant == 'soft_target': return KnowledgeDistillationCallback(teacher, 'soft_target')
-    stages = ['layer1', 'layer2', 'layer3', 'layer4'] if RESNET else STAGES
-    return KnowledgeDistillationCallback(teacher, 'attention', stages, stages)
+    lib, loss = variant.split(':') if ':' in variant else ('kdcb', variant)
+    layers = layer_names() if loss in FEATURE_LOSSES else None
+    if lib == 'kdcb': return KnowledgeDistillationCallback(teacher, loss, layers, layers)
+    if lib == 'by_hand': return ByHandLoss(teacher, loss)
+    from fasterai.distill.all import KnowledgeDistillationCallback as FasteraiKD
+    import fasterai.distill.losses
+    return FasteraiKD(teacher, getattr(fasterai.distill.losses, FASTERAI[loss]), layers, layers)
 
 
 def student_learner(dls, seed, fp16):
@@ -151,25 +192,28 @@ def measure_speed(device, repeats, n_train, epochs, bs):
     dls = data(n_train, bs, device)
     torch.manual_seed(0)
     teacher = make_teacher().to(device) # untrained: cost, not accuracy, is measured here
+    global VARIANTS
     res = {v: [] for v in VARIANTS}
     for r in range(repeats):
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]: # rotate the order from repeat to repeat
-            res[v] += (teacher_times(dls, teacher, epochs, fp16) if v == 'teacher' else fit_times(v, dls, teacher, r, epochs, fp16))
+            if v not in VARIANTS: continue
+            try: res[v] += (teacher_times(dls, teacher, epochs, fp16) if v == 'teacher' else fit_times(v, dls, teacher, r, epochs, fp16))
+            except Exception as e:
+                if ':' not in v: raise
+                print(f"  {v} fails on these models, left out: {str(e).splitlines()[-1].strip()}")
+                VARIANTS = tuple(x for x in VARIANTS if x != v)
     clocks = ('wall', 'CPU') if device == 'cpu' else ('wall',) # CUDA: the host's CPU time says nothing of the GPU's
-    n_b = len(dls.train)
+    med = {c: {v: statistics.median(t[i] for t in res[v]) for v in VARIANTS} for i, c in enumerate(clocks)}
     print(f"\n[{device}{', fp16 autocast' if fp16 else ''}] medians over {len(res['plain'])} epochs "
-          f"({repeats} repeats x {epochs - 1} timed epochs, {n_b} batches of {bs}), ms per epoch:")
-    print('  ' + ' '.join(f'{v:>12s}' for v in ('clock',) + VARIANTS) + '   ' + '  '.join(f'ratio {v}' for v in VARIANTS[2:])
-          + '  soft_target/by_hand')
-    med = {}
-    for i, c in enumerate(clocks):
-        m = {v: statistics.median(t[i] for t in res[v]) for v in VARIANTS}
-        base = m['plain'] + m['teacher']
-        print('  ' + f'{c:>12s} ' + ' '.join(f'{m[v]*1000:12.1f}' for v in VARIANTS) + '   ' +
-              '  '.join(f'{m[v]/base:{len("ratio " + v)}.3f}' for v in VARIANTS[2:]) + f'  {m["soft_target"]/m["by_hand"]:19.3f}')
-        med[c] = m
-    print("  ratio = distilled epoch / (plain epoch + teacher inference alone); by_hand: a minimal hand-written "
-          "SoftTarget callback (no kdcb), the floor for any callback")
+          f"({repeats} repeats x {epochs - 1} timed epochs, {len(dls.train)} batches of {bs}); ratio = distilled epoch / "
+          "(plain epoch + teacher inference alone); floor: the same loss in a minimal hand-written callback (by_hand:<loss>; by_hand: "
+          "KL written out), the least any callback must do; '/ floor' on the last clock")
+    print(f"  {'variant':24s}" + ''.join(f'{c + " ms":>11s}' for c in clocks) + ''.join(f'{"ratio " + c:>11s}' for c in clocks)
+          + f'{"/ floor":>11s}')
+    for v in VARIANTS:
+        ratios = [med[c][v] / (med[c]['plain'] + med[c]['teacher']) for c in clocks] if v not in ('plain', 'teacher') else []
+        print(f"  {v:24s}" + ''.join(f'{med[c][v]*1000:11.1f}' for c in clocks) + ''.join(f'{r:11.3f}' for r in ratios)
+              + (f"{med[clocks[-1]][v] / med[clocks[-1]][floor(v)]:11.3f}" if ratios else ''))
     return med
 
 
@@ -244,10 +288,17 @@ def main():
     p.add_argument('--mem-bs', type=int, default=1024, help='batch size of the memory runs (large, so activations show)')
     p.add_argument('--no-memory', action='store_true')
     p.add_argument('--resnet', action='store_true', help='ResNet-34 -> ResNet-18 (torchvision, no weights) on digits at 32x32, batch --bs')
+    p.add_argument('--losses', default='soft_target,attention', help='kdcb losses to time, comma-separated')
+    p.add_argument('--fasterai', action='store_true', help="also time fasterai 0.4.1's callback with the same losses, where it has them "
+                   '(pip install fasterai==0.4.1 --no-deps)')
     p.add_argument('--mem-child', help=argparse.SUPPRESS); p.add_argument('--data', help=argparse.SUPPRESS)
     a = p.parse_args()
-    global RESNET
-    RESNET = a.resnet
+    global RESNET, VARIANTS
+    RESNET, losses = a.resnet, a.losses.split(',')
+    unknown = [l for l in losses if l not in available_losses()]
+    if unknown: p.error(f'--losses: {unknown} are not registered losses; available: {available_losses()}')
+    VARIANTS = (('plain', 'teacher', 'by_hand') + tuple(v for l in losses for v in (f'by_hand:{l}', l)) +
+                tuple(f'fasterai:{l}' for l in losses if a.fasterai and l in FASTERAI))
     if RESNET and not a.no_memory: p.error('--resnet measures time only: add --no-memory')
     torch.set_num_threads(1) # a shared 2-core machine: one thread each, medians of repeats
     if a.mem_child:
