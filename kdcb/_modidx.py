@@ -99,6 +99,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'kdcb.core': { 'kdcb.core.ScheduledLoss': ('core.html#scheduledloss', 'kdcb/core.py'),
                            'kdcb.core.ScheduledLoss.now': ('core.html#scheduledloss.now', 'kdcb/core.py'),
                            'kdcb.core._key': ('core.html#_key', 'kdcb/core.py'),
+                           'kdcb.core._moved': ('core.html#_moved', 'kdcb/core.py'),
                            'kdcb.core.available_losses': ('core.html#available_losses', 'kdcb/core.py'),
                            'kdcb.core.check_positive': ('core.html#check_positive', 'kdcb/core.py'),
                            'kdcb.core.get_loss': ('core.html#get_loss', 'kdcb/core.py'),
