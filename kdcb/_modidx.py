@@ -208,6 +208,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdcb.losses.DecoupledKD.forward': ('losses.html#decoupledkd.forward', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet': ('losses.html#fitnet', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet.__init__': ('losses.html#fitnet.__init__', 'kdcb/losses.py'),
+                             'kdcb.losses.FitNet._check_mask': ('losses.html#fitnet._check_mask', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet._regress': ('losses.html#fitnet._regress', 'kdcb/losses.py'),
                              'kdcb.losses.FitNet.forward': ('losses.html#fitnet.forward', 'kdcb/losses.py'),
                              'kdcb.losses.HiddenStateCosine': ('losses.html#hiddenstatecosine', 'kdcb/losses.py'),

@@ -275,7 +275,7 @@ class Attention(ScheduledLoss):
         s, t = match_spatial(out_s, out_t.detach())
         return self.beta * (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean()
 
-# %% ../nbs/01_losses.ipynb #6a8f7194
+# %% ../nbs/01_losses.ipynb #ad49ff69
 def _aligned(s:Tensor, t:Tensor, loss:str)->tuple[Tensor, Tensor]:
     "A feature pair as float32, spatially matched, with equal channel counts checked; the teacher's detached"
     if s.shape[1] != t.shape[1]: raise ValueError(
@@ -305,9 +305,21 @@ class FitNet(ScheduledLoss):
             f"FitNet's regressor maps {self.num_student_channels} student channels, but a student map has shape {tuple(f.shape)}.")
         return self.regressor(f.movedim(1, -1)).movedim(-1, 1) # a 1x1 convolution, for any number of spatial dimensions
 
-    def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
+    def forward(self, out_s:Tensor, out_t:Tensor,
+                attention_mask:Tensor|None=None, # (B, L), 0 for padding: with `tokens=True`, the mean is over the real tokens
+               )->Tensor:
+        if attention_mask is not None: self._check_mask(out_s, out_t, attention_mask)
         if self.tokens: out_s, out_t = out_s.movedim(-1, 1), out_t.movedim(-1, 1) # features first, like a 1-D map
-        return F.mse_loss(*_aligned(self._regress(out_s), out_t, 'FitNet'))
+        s, t = _aligned(self._regress(out_s), out_t, 'FitNet')
+        if attention_mask is None: return F.mse_loss(s, t)
+        return masked_mean((s - t).pow(2).mean(1), torch.where(attention_mask != 0, 0, -100)) # per token, then over kept tokens
+
+    def _check_mask(self, out_s:Tensor, out_t:Tensor, mask:Tensor):
+        if not self.tokens: raise ValueError(
+            f"FitNet got an attention_mask {tuple(mask.shape)} but compares feature maps: say `tokens=True` for (B, L, D) hidden states.")
+        if not (out_s.ndim == out_t.ndim == 3 and mask.shape == out_s.shape[:2] == out_t.shape[:2]): raise ValueError(
+            f"FitNet's attention_mask {tuple(mask.shape)} does not fit the hidden states: student {tuple(out_s.shape)}, teacher "
+            f"{tuple(out_t.shape)}. Both must be (B, L, D) and the mask (B, L), for the same batch and sequence length.")
 
 @register_loss
 class ActivationBoundaries(ScheduledLoss):

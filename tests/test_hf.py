@@ -8,7 +8,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from kdcb.callback import KnowledgeDistillationCallback
 from kdcb.distill import Connected
-from kdcb.losses import SoftTarget, HiddenStateCosine
+from kdcb.losses import SoftTarget, HiddenStateCosine, FitNet
 from kdcb.match import depth_pairs
 from kdcb.teachers import FunctionTeacher
 from conftest import quiet_fit
@@ -148,6 +148,37 @@ def test_bert_hidden_states_with_attention_mask(use_mask):
         learn.dls = padded_mlm_dls(pad)
         with learn.no_bar(), learn.no_logging(): losses.append(learn.validate()[0])
     assert (abs(losses[0] - losses[1]) < 1e-5) == use_mask, losses
+
+
+class Masked(nn.Module):
+    "A causal LM called with (input_ids, attention_mask): GPT-2's second positional argument is its cache, not the mask"
+    def __init__(self, lm): super().__init__(); self.lm = lm
+    def forward(self, ids, mask): return self.lm(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize('how', ['regressor', 'connected', 'no mask'])
+def test_gpt2_fitnet_hidden_states_leave_padding_out(how):
+    "FitNet on GPT-2 blocks of widths 32 and 128 paired by depth: other tokens under the padding (so other hidden states"
+    " there) leave the distilled loss unchanged when the callback has the mask, and change it when it has not"
+    s, t = Masked(gpt2(2, 32, 0)), Masked(gpt2(4, 128, 1))
+    pairs = depth_pairs(s, t, (torch.randint(0, V, (2, 10)), torch.ones(2, 10, dtype=torch.long)))
+    assert pairs['teacher'] == ['lm.transformer.h.1', 'lm.transformer.h.3']
+    loss = Connected(FitNet(tokens=True), pairs.connectors()) if how == 'connected' else FitNet(32, 128, tokens=True)
+    kd = KnowledgeDistillationCallback(t, ['soft_target', loss], pairs['student'], pairs['teacher'], weight=[0.25, 0.25],
+                                       shift_labels=True, distill_valid=True, attention_mask=None if how == 'no mask' else 1)
+    learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=hf_causal_loss, cbs=kd)
+    quiet_fit(learn, 1, 1e-3)
+    seen = [] # the teacher's last paired block, at every batch
+    block = dict(t.named_modules())[pairs['teacher'][-1]]
+    hook = block.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    firsts, losses = [], []
+    for pad in (torch.zeros(32, 10, dtype=torch.long), torch.randint(1, V, (32, 10), generator=torch.Generator().manual_seed(1))):
+        learn.dls, n = padded_mlm_dls(pad), len(seen)
+        with learn.no_bar(), learn.no_logging(): losses.append(learn.validate()[0])
+        firsts.append(seen[n]) # the first validation batch; its sequence 0 is padded from position 5
+    hook.remove()
+    assert not torch.allclose(firsts[0][0, 5:], firsts[1][0, 5:]) and torch.equal(firsts[0][0, :5], firsts[1][0, :5])
+    assert (abs(losses[0] - losses[1]) < 1e-5) == (how != 'no mask'), losses
 
 
 def test_teacher_on_its_own_device_returns_a_plain_dict():

@@ -77,6 +77,18 @@ def test_feature_gradcheck(name):
     loss = _feat_loss(name)
     assert gradcheck(lambda s: loss(s, t), (s,), eps=1e-6, atol=1e-5)
 
+def test_fitnet_tokens_masked_gradcheck():
+    "FitNet on (B, L, D) hidden states behind its regressor, with a ragged attention mask: float64 gradients; padding gets none"
+    torch.manual_seed(0)
+    fit = FitNet(3, 5, tokens=True).double()
+    s = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert fit(s, t, mask).dtype == torch.float64
+    assert gradcheck(lambda s: fit(s, t, mask), (s,), eps=1e-6, atol=1e-5)
+    s.grad = None; fit(s, t, mask).backward()
+    assert s.grad[0, 2:].abs().sum() == 0 and s.grad[0, :2].abs().sum() > 0
+
 def test_mgd_gradcheck_and_mask_ratio():
     torch.manual_seed(0)
     mgd = MGDLoss(3, 4).double()
