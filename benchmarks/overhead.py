@@ -220,6 +220,18 @@ def measure_speed(device, repeats, n_train, epochs, bs):
 def _status_kib(key): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key + ':')))
 
 
+def reset_peak_rss()->float:
+    "Linux: reset this process's peak RSS (VmHWM) to its current RSS, returned in MiB"
+    with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+    return _status_kib('VmRSS') / 1024
+
+
+def peak_rss()->float: return _status_kib('VmHWM') / 1024 # MiB, since the last `reset_peak_rss`
+
+
+MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '131072'} # for memory children: large freed blocks go back to the kernel
+
+
 def fit_memory(variant, device, n_train, epochs, bs, tensors=None):
     "Peak memory of one fit of `variant`: returns (before, peak) in MiB"
     fp16 = device == 'cuda'
@@ -229,17 +241,14 @@ def fit_memory(variant, device, n_train, epochs, bs, tensors=None):
     learn = student_learner(dls, 0, fp16)
     if device == 'cuda':
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open('/proc/self/clear_refs', 'w') as f: f.write('5') # Linux: reset the peak RSS (VmHWM) to the current RSS
-        before = _status_kib('VmRSS') * 1024
+        before = torch.cuda.memory_allocated() / 2**20
+    else: before = reset_peak_rss()
     if variant == 'teacher': teacher_times(dls, teacher, epochs, fp16)
     else:
         with learn.no_bar(), learn.no_logging():
             learn.fit(epochs, 1e-3, cbs=None if variant == 'plain' else kd_cb(variant, teacher))
-    if device == 'cuda': torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
-    else: peak = _status_kib('VmHWM') * 1024
-    return before / 2**20, peak / 2**20
+    if device == 'cuda': torch.cuda.synchronize(); return before, torch.cuda.max_memory_allocated() / 2**20
+    return before, peak_rss()
 
 
 def measure_memory(device, n_train, epochs, bs):
@@ -252,7 +261,7 @@ def measure_memory(device, n_train, epochs, bs):
             else:
                 out = subprocess.run([sys.executable, __file__, '--mem-child', v, '--data', f, '--n-train', str(n_train),
                                       '--epochs', str(epochs), '--bs', str(bs)], capture_output=True, text=True, check=True,
-                                     env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '131072'})
+                                     env={**os.environ, **MALLOC_ENV})
                 res[v] = tuple(json.loads(out.stdout.strip().splitlines()[-1]))
     how = ('torch.cuda.max_memory_allocated' if device == 'cuda' else
            'peak RSS (VmHWM) of a fresh subprocess per variant; "fit" = peak minus the RSS at the start of the fit')
