@@ -187,11 +187,13 @@ class KeywordInputs(nn.Module):
         return self.model(**dict(zip(self.names, map(plain, xb))))
     def generate(self, *args, **kwargs): return self.model.generate(*args, **kwargs)
 
-# %% ../nbs/12_responses.ipynb #5bfd4144
+# %% ../nbs/12_responses.ipynb #26e8e57e
 class TokenSoftTarget(SoftTarget):
     "`SoftTarget` over every real token (`attention_mask`), whatever the labels: DistilBERT's soft-target loss"
-    def forward(self, pred:Tensor, teacher_pred:Tensor, attention_mask:Tensor|None=None)->Tensor:
-        if attention_mask is None: return super().forward(pred, teacher_pred)
+    def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None,
+                attention_mask:Tensor|None=None, # (B, L), 0 for padding: used instead of `target` when given
+               )->Tensor:
+        if attention_mask is None: return super().forward(pred, teacher_pred, target)
         if attention_mask.shape != pred.shape[:-1]: raise ValueError(
             f"attention_mask {tuple(attention_mask.shape)} does not fit the logits {tuple(pred.shape)}: TokenSoftTarget is "
             "for masked LMs, whose logits are not shifted (with shift_labels=True use SoftTarget, masked by the labels).")
