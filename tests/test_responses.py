@@ -133,7 +133,7 @@ def test_bad_input_is_refused_with_the_fix():
     assert [p.tolist() for p in as_prompts({'input_ids': torch.tensor([[4, 5, 0], [6, 0, 0]]), 'attention_mask': torch.tensor([[1, 1, 0], [1, 0, 0]])})] == [[4, 5], [6]]
 
 
-class Last(Callback):
+class Spy(Callback):
     order = 6 # after the distillation callback
     def after_loss(self):
         if self.training: self.seen = (self.learn.loss_grad.detach(), self.pred.logits.detach(), *self.xb, *self.yb)
@@ -156,7 +156,7 @@ def test_student_learns_the_responses_and_word_level_kd_on_them():
     # word-level KD on the same items: the mixed loss is 0.5·CE + 0.5·T²·KL over the labelled (response) positions
     learn = Learner(dls, KeywordInputs(gpt2(1, 16, 1)), loss_func=causal_lm_loss,
                     cbs=[KnowledgeDistillationCallback(KeywordInputs(teacher), SoftTarget(T=2), shift_labels=True, attention_mask=1),
-                         spy := Last()])
+                         spy := Spy()])
     quiet_fit(learn, 1, 1e-2)
     mixed, zs, x, m, y = spy.seen
     with torch.no_grad(): zt = teacher.eval()(input_ids=x, attention_mask=m).logits
@@ -187,7 +187,7 @@ def test_distilbert_loss_is_the_hand_computed_mix(s_width, restrict):
     assert recipe['weight'] == [0.625, 0.125] and recipe['attention_mask'] == 1
     assert (list(recipe['student_layers']), list(recipe['teacher_layers'])) == (['bert.encoder.layer.1'], ['bert.encoder.layer.3'])
     kd = KnowledgeDistillationCallback(t, **recipe)
-    learn = Learner(dls, s, loss_func=mlm_loss, cbs=[kd, spy := Last()])
+    learn = Learner(dls, s, loss_func=mlm_loss, cbs=[kd, spy := Spy()])
     quiet_fit(learn, 1, 0.) # learning rate 0: the models (and connector) do not change
     mixed, zs, x, m, y = spy.seen
     with torch.no_grad():
