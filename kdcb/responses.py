@@ -98,7 +98,7 @@ class Responses(torch.utils.data.Dataset):
         train, valid = [self[i] for i in idx[n_valid:]], [self[i] for i in idx[:n_valid]]
         return DataLoaders(DataLoader(train, bs=bs, shuffle=shuffle), DataLoader(valid, bs=bs))
 
-# %% ../nbs/12_responses.ipynb #821695fa
+# %% ../nbs/12_responses.ipynb #0c238212
 def _generator(teacher)->tuple[Callable, nn.Module|None]:
     "The teacher's `generate` callable, and the module whose mode is switched around it"
     if isinstance(teacher, Learner): teacher = teacher.model
@@ -124,6 +124,23 @@ def _response(row:Tensor, eos:set)->Tensor:
     hit = [i for i, t in enumerate(row.tolist()) if t in eos]
     return row[:hit[0] + 1] if hit else row
 
+def _batch_responses(gen:Callable, batch:list[Tensor], pad:int, eos, device, max_new_tokens:int, kwargs:dict)->list[tuple]:
+    "One `generate` call on the left-padded `batch`: (prompt, response) for every sequence it returns"
+    ids, mask = pad_sequences(batch, pad, 'left')
+    with torch.no_grad():
+        out = gen(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                  pad_token_id=pad, eos_token_id=eos, **kwargs)
+    seqs = getattr(out, 'sequences', out) # `return_dict_in_generate=True` returns an object
+    if not isinstance(seqs, Tensor) or seqs.ndim != 2 or len(seqs) % len(batch): raise TypeError(
+        f"`generate` returned {type(seqs).__name__} {tuple(getattr(seqs, 'shape', ()))} for {len(batch)} prompts: "
+        "expected a (n_prompts × num_return_sequences, length) tensor of token ids.")
+    k, seqs, P = len(seqs) // len(batch), seqs.cpu(), ids.shape[1] # k: num_return_sequences, in a row per prompt
+    if seqs.shape[1] < P or not torch.equal(seqs[:, :P], ids.repeat_interleave(k, 0)): raise ValueError(
+        "`generate` did not return the prompts followed by the new tokens. Decoder-only models do; an encoder-decoder "
+        "model returns the decoder's tokens only, which `generate_responses` does not support.")
+    eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple, Tensor)) else [eos])}
+    return [(batch[j // k], _response(row[:max_new_tokens], eos_ids)) for j, row in enumerate(seqs[:, P:])]
+
 def generate_responses(teacher, # a Hugging Face generative model, a `Learner` holding one, or a callable with `generate`'s signature
                        prompts, # token ids: a list of sequences, a (n, L) tensor, or a tokenizer's output (see `as_prompts`)
                        max_new_tokens:int=32, # the longest response, in tokens
@@ -141,34 +158,18 @@ def generate_responses(teacher, # a Hugging Face generative model, a `Learner` h
     pad, eos = _token_id(module, 'pad_token_id', pad_token_id), _token_id(module, 'eos_token_id', eos_token_id)
     if pad is None: raise ValueError("There is no pad token id to pad the prompts with: pass `pad_token_id=`, e.g. the eos id "
                                      "(`tokenizer.eos_token_id`; GPT-2 has no pad token). Padding is found from positions, not ids.")
-    eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple, Tensor)) else [eos])}
-    dev = next((p.device for p in module.parameters()), torch.device('cpu')) if module is not None else torch.device('cpu')
-    modes = [(m, m.training) for m in module.modules()] if module is not None else []
-    prompts_out, responses = [], []
+    device = next((p.device for p in module.parameters()), torch.device('cpu')) if module is not None else torch.device('cpu')
+    modes, pairs = [(m, m.training) for m in module.modules()] if module is not None else [], []
     try:
         if module is not None: module.eval()
         starts = range(0, len(rows), bs)
         for i in (progress_bar(starts, leave=False) if progress else starts):
-            batch = rows[i:i+bs]
-            ids, mask = pad_sequences(batch, pad, 'left')
-            with torch.no_grad():
-                out = gen(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                          pad_token_id=pad, eos_token_id=eos, **generate_kwargs)
-            seqs = getattr(out, 'sequences', out)
-            if not isinstance(seqs, Tensor) or seqs.ndim != 2 or len(seqs) % len(batch): raise TypeError(
-                f"`generate` returned {type(seqs).__name__} {tuple(getattr(seqs, 'shape', ()))} for {len(batch)} prompts: "
-                "expected a (n_prompts × num_return_sequences, length) tensor of token ids.")
-            k, seqs = len(seqs) // len(batch), seqs.cpu()
-            if seqs.shape[1] < ids.shape[1] or not torch.equal(seqs[:, :ids.shape[1]], ids.repeat_interleave(k, 0)): raise ValueError(
-                "`generate` did not return the prompts followed by the new tokens. Decoder-only models do; an encoder-decoder "
-                "model returns the decoder's tokens only, which `generate_responses` does not support.")
-            for j, row in enumerate(seqs[:, ids.shape[1]:]):
-                prompts_out.append(batch[j // k]); responses.append(_response(row[:max_new_tokens], eos_ids))
+            pairs += _batch_responses(gen, rows[i:i+bs], pad, eos, device, max_new_tokens, generate_kwargs)
     finally:
-        for m, mode in modes: m.training = mode
-    return Responses(prompts_out, responses, pad)
+        for m, mode in modes: m.training = mode # every module as it was, also when generation failed
+    return Responses([p for p, _ in pairs], [r for _, r in pairs], pad)
 
-# %% ../nbs/12_responses.ipynb #1fbab497
+# %% ../nbs/12_responses.ipynb #6be4e9e0
 def causal_lm_loss(out, # the model's output: logits (B, L, V) or a `ModelOutput` with `logits`
                    labels:Tensor, # (B, L) labels, `input_ids` with -100 where nothing is learned
                   )->Tensor:
@@ -186,6 +187,10 @@ class KeywordInputs(nn.Module):
                                                        f"{len(self.names)} ({self.names}): give one name per input.")
         return self.model(**dict(zip(self.names, map(plain, xb))))
     def generate(self, *args, **kwargs): return self.model.generate(*args, **kwargs)
+    @property
+    def config(self): return getattr(self.model, 'config', None) # the wrapped model's token ids, for `generate_responses`
+    @property
+    def generation_config(self): return getattr(self.model, 'generation_config', None)
 
 # %% ../nbs/12_responses.ipynb #26e8e57e
 class TokenSoftTarget(SoftTarget):

@@ -64,6 +64,11 @@ def test_responses_are_what_generate_returns_for_each_prompt_alone(pad):
         assert torch.equal(r, cut_at_eos(alone)) and 1 <= len(r) <= 6
     check_labels(data)
     assert (data.input_ids[data.attention_mask == 0] == pad).all()
+    # the same through KeywordInputs, which forwards `generate` and the config (eos), and from a Learner holding the teacher
+    wrapped = generate_responses(KeywordInputs(teacher), prompts, max_new_tokens=6, bs=4, pad_token_id=pad, progress=False)
+    assert torch.equal(wrapped.input_ids, data.input_ids)
+    learner = generate_responses(Learner(data.dls(), teacher, loss_func=causal_lm_loss), prompts, max_new_tokens=6, bs=4, pad_token_id=pad, progress=False)
+    assert torch.equal(learner.labels, data.labels)
 
 
 def test_eos_ends_a_response_and_kwargs_pass_through():
