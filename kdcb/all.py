@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_all.ipynb #1027f408
+# %% ../nbs/07_all.ipynb #f9b0d9b0
 from .core import *
 from .losses import *
 from .match import *
@@ -16,6 +16,7 @@ from .unlabelled import *
 from .online import *
 from .contrastive import *
 from .multilabel import *
-from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel
+from .responses import *
+from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel, responses
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
-           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__]
+           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *responses.__all__]
