@@ -14,7 +14,7 @@ from .core import *
 # %% auto #0
 __all__ = ['masked_mean', 'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'NormalizedKD', 'LogitsDistillationLoss', 'mft_target',
            'MFTLoss', 'DIST', 'match_spatial', 'attention_map', 'Attention', 'FitNet', 'ActivationBoundaries',
-           'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'AttentionKL', 'MGDLoss']
+           'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'AttentionKL', 'ValueRelation', 'MGDLoss']
 
 # %% ../nbs/01_losses.ipynb #41d2a082
 def _f32(x:Tensor)->Tensor:
@@ -453,6 +453,38 @@ class AttentionKL(ScheduledLoss):
             keep = None if attention_mask is None else torch.where(attention_mask != 0, 0, -100)
             total = total + masked_mean(kl, keep)
         return total / len(self.pairs(len(a_s), len(a_t)))
+
+# %% ../nbs/01_losses.ipynb #318ea94d
+@register_loss
+class ValueRelation(ScheduledLoss):
+    "MiniLM (Wang et al. 2020) value-relation transfer: KL(VR_t ‖ VR_s), VR = softmax(V·Vᵀ/√d) per relation head, from hooked value projections"
+    def __init__(self, heads:int=1, # relation heads: both models' value vectors are split into this many equal parts
+                 qkv:bool=False, # the hooked layer returns queries, keys and values concatenated (GPT-2's `c_attn`): use the last third
+                ):
+        super().__init__(); store_attr()
+        if heads < 1: raise ValueError(f"heads={heads} must be a positive number of relation heads.")
+
+    def _relation(self, v:Tensor, what:str, keys:Tensor|None)->Tensor: # (B, L, D) -> log VR, (B, heads, L, L)
+        if v.ndim != 3: raise ValueError(f"ValueRelation needs (B, L, D) value vectors from the {what}'s value projection; got shape "
+                                         f"{tuple(v.shape)}. Hook the attention's value layer (e.g. `attention.self.value`).")
+        if self.qkv: v = v.chunk(3, -1)[2]
+        b, l, d = v.shape
+        if d % self.heads: raise ValueError(f"The {what}'s values are {d} wide, which {self.heads} relation heads do not divide.")
+        v = _f32(v).view(b, l, self.heads, d // self.heads).transpose(1, 2)
+        r = v @ v.transpose(-1, -2) * (d // self.heads) ** -.5
+        if keys is not None: r = r.masked_fill(~keys[:, None, None, :], float('-inf'))
+        return r.log_softmax(-1)
+
+    def forward(self, out_s:Tensor, out_t:Tensor, attention_mask:Tensor|None=None)->Tensor:
+        keys = None if attention_mask is None else attention_mask != 0
+        if keys is not None and keys.shape != out_s.shape[:2]: raise ValueError(
+            f"attention_mask {tuple(keys.shape)} does not fit the value vectors {tuple(out_s.shape)}: it must be (B, L).")
+        ls, lt = self._relation(out_s, 'student', keys), self._relation(out_t.detach(), 'teacher', keys)
+        if ls.shape[2:] != lt.shape[2:]: raise ValueError(f"Student values {tuple(out_s.shape)} and teacher values "
+                                                          f"{tuple(out_t.shape)} cover different sequence lengths.")
+        kl = lt.exp() * (lt - ls)
+        if keys is not None: kl = torch.where(keys[:, None, None, :], kl, 0.) # a padded key adds nothing (and no NaN from -inf - -inf)
+        return masked_mean(kl.sum(-1).mean(1), None if keys is None else torch.where(keys, 0, -100))
 
 # %% ../nbs/01_losses.ipynb #3461dacc
 @register_loss

@@ -235,3 +235,45 @@ def test_attention_transfer_gpt2_and_bert():
     with torch.no_grad(): o, o2 = t(x, m), t(x.masked_fill(m == 0, 5), m) # other tokens under the padding
     assert AttentionKL()(o, o2, m).abs() < 1e-9 # only the padded queries differ
     assert AttentionKL()(o, o2) > 1e-6 # ... and without the mask they count
+
+
+@pytest.mark.parametrize('use_mask', [True, False])
+def test_value_relation_bert_through_the_callback(use_mask):
+    "MiniLM's value relation on hooked `attention.self.value` layers (widths 16 vs 32, 2 relation heads): trains, and padding is left out with the mask"
+    from kdcb.losses import ValueRelation
+    s, t = bert(2, 16, 0), bert(4, 32, 1)
+    kd = KnowledgeDistillationCallback(t, ValueRelation(heads=2), ['bert.encoder.layer.1.attention.self.value'],
+                                       ['bert.encoder.layer.3.attention.self.value'], weight=0.9, distill_valid=True,
+                                       attention_mask=1 if use_mask else None)
+    learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=mlm_loss, cbs=kd)
+    quiet_fit(learn, 1, 1e-3)
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+    losses = []
+    for pad in (torch.zeros(32, 10, dtype=torch.long), torch.randint(1, V, (32, 10), generator=torch.Generator().manual_seed(1))):
+        learn.dls = padded_mlm_dls(pad)
+        with learn.no_bar(), learn.no_logging(): losses.append(learn.validate()[0])
+    assert (abs(losses[0] - losses[1]) < 1e-6) == use_mask, losses
+
+
+def test_value_relation_gpt2_qkv_takes_the_values():
+    "GPT-2's c_attn returns queries, keys and values side by side: qkv=True equals the loss on the values alone"
+    from kdcb.losses import ValueRelation
+    s, t = gpt2(1, 16, 0).eval(), gpt2(2, 32, 1).eval()
+    x = torch.randint(1, V, (3, 8))
+    out = {}
+    hooks = [m.transformer.h[-1].attn.c_attn.register_forward_hook(lambda mod, i, o, k=k: out.__setitem__(k, o)) for k, m in (('s', s), ('t', t))]
+    with torch.no_grad(): s(x), t(x)
+    for h in hooks: h.remove()
+    vs, vt = out['s'][..., 32:], out['t'][..., 64:] # the values: the last third of c_attn's output
+    assert torch.allclose(ValueRelation(2, qkv=True)(out['s'], out['t']), ValueRelation(2)(vs, vt))
+    assert not torch.allclose(ValueRelation(2)(out['s'], out['t']), ValueRelation(2)(vs, vt)) # without qkv the queries and keys count
+
+
+def test_value_relation_gradcheck():
+    from kdcb.losses import ValueRelation
+    torch.manual_seed(0)
+    vs = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    vt, m = torch.randn(2, 5, 6, dtype=torch.float64), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda v: ValueRelation(2)(v, vt, m), (vs,))
+    ValueRelation(2)(vs, vt, m).backward()
+    assert vs.grad[0, 3:].abs().max() == 0 # padded values get no gradient
