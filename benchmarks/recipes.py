@@ -24,9 +24,11 @@ A recipe is a string of ':'-separated fields:
                           (T= is then refused); the student's classifier learns from the labels alone
     st                    with nce or crd: keep `soft_target` too, the weight split evenly between the two
     neg=4096              with crd: the bank's size (default: the training set minus a batch, at most 4,096; see `crd_bank`)
-    bal=ratio | bal=unc   balance the weights: `RatioBalance(w)` (each distillation loss rescaled to the task loss's value,
-                          w its share) or `UncertaintyBalance(w)` (learned log-variances, w the prior weight); w= is
-                          then the share or prior, not a fixed weight
+    bal=ratio | bal=unc | bal=grad
+                          balance the weights: `RatioBalance(w)` (each distillation loss rescaled to the task loss's value,
+                          w its share), `UncertaintyBalance(w)` (learned log-variances, w the prior weight) or
+                          `GradNorm(w)` (gradient norms on the classifier, or with nce/crd on the last conv stage, kept in
+                          the proportion w : 1 - w); w= is then the share or prior, not a fixed weight
     u                     add the other teacher signals WITHOUT labels (`kdcb.unlabelled`): they carry the
                           distillation loss only; an epoch then covers all 16,000 signals
     rep=4                 with `u`: repeat the labelled signals this many times in the training set
@@ -66,7 +68,7 @@ BALANCE_RECIPES = ','.join(['scratch'] + [f'kd:T=4:w={w}{u}{b}' for w, u in (('0
 
 
 LOSS_FIELDS = dict(dkd='decoupled_kd', nce='info_nce', crd='crd') # a field that replaces `soft_target`
-BALANCERS = dict(ratio=RatioBalance, unc=UncertaintyBalance) # the values of bal=
+BALANCERS = dict(ratio=RatioBalance, unc=UncertaintyBalance, grad=GradNorm) # the values of bal=
 PENULTIMATE = '6' # cnn1d's `Flatten`: the pooled features its linear head classifies
 
 
@@ -84,7 +86,7 @@ def parse_recipe(spec:str)->dict:
             r['loss'] = LOSS_FIELDS[k]
         elif k in ('T', 'w') and v: r[k] = v
         elif k == 'bal' and v in BALANCERS: r['bal'] = v
-        elif k == 'bal': raise ValueError(f"Field {fld!r} of {spec!r}: the balancers are bal={' and bal='.join(BALANCERS)}.")
+        elif k == 'bal': raise ValueError(f"Field {fld!r} of {spec!r}: the balancers are bal={', bal='.join(BALANCERS)}.")
         elif k in ('lr', 'x') and v: r[k] = float(v)
         elif k in ('rep', 'neg') and v: r[k] = int(v)
         else: raise ValueError(f"Unknown field {fld!r} in recipe {spec!r}: use T=, w=, dkd, nce, crd, st, neg=, bal=, u, rep=, lr=, x=.")
@@ -108,9 +110,10 @@ def crd_bank(n_train:int, bs:int=128)->int:
 
 def kd_callback(r:dict, teacher, student, n_train:int)->KnowledgeDistillationCallback:
     "The distillation callback of recipe `r` for `student`, on a training set of `n_train` signals"
-    T, w = _value(r['T']), _value(r['w'])
-    weight = BALANCERS[r['bal']](w) if r['bal'] else w
-    if r['loss'] in ('soft_target', 'decoupled_kd'):
+    T, w, output = _value(r['T']), _value(r['w']), r['loss'] in ('soft_target', 'decoupled_kd')
+    # GradNorm's shared parameters: the last layer every loss reaches (features at '6' do not reach the classifier)
+    weight = w if not r['bal'] else GradNorm(w, shared=student[-1] if output else student[4]) if r['bal'] == 'grad' else BALANCERS[r['bal']](w)
+    if output:
         loss = SoftTarget(T=T) if r['loss'] == 'soft_target' else DecoupledKD(T=T, beta=2., ignore_index=UNLABELLED)
         return KnowledgeDistillationCallback(teacher, loss=loss, weight=weight)
     cs, ct = student[-1].in_features, teacher[-1].in_features # the widths the projection heads take

@@ -17,7 +17,7 @@ def test_fields():
 
 
 @pytest.mark.parametrize('spec,msg', [
-    ('kd:dkd:crd', 'names two losses (decoupled_kd, crd)'), ('kd:bal=foo', 'bal=ratio and bal=unc'),
+    ('kd:dkd:crd', 'names two losses (decoupled_kd, crd)'), ('kd:bal=foo', 'bal=ratio, bal=unc, bal=grad'),
     ('kd:st', 'st (keep soft_target) goes with nce or crd'), ('kd:nce:neg=10', "neg= is the size of crd's bank"),
     ('kd:nce:T=2', "T= is the output losses' temperature"), ('scratch:bal=ratio', 'scratch takes lr= and x= only'),
     ('kd:zz', "Unknown field 'zz'"), ('distil', "must start with 'scratch' or 'kd'")])
@@ -37,3 +37,6 @@ def test_callbacks():
     assert isinstance(kd.kd_loss.balance, RatioBalance) and kd.kd_loss.current == [0.25, 0.25]
     kd = recipes.kd_callback(recipes.parse_recipe('kd:T=4:w=0.9:u:bal=unc'), teacher, student, 16000)
     assert isinstance(kd.kd_loss.balance, UncertaintyBalance) and kd.kd_loss.current == [0.9] and kd.student_layers == []
+    for spec, layer in (('kd:T=4:w=0.5:bal=grad', student[-1]), ('kd:crd:w=0.5:bal=grad', student[4])): # the last layer every loss reaches
+        b = recipes.kd_callback(recipes.parse_recipe(spec), teacher, student, 1000).kd_loss.balance
+        assert isinstance(b, GradNorm) and b._shared == list(layer.parameters())
