@@ -22,7 +22,8 @@ A recipe is a string of ':'-separated fields:
                           penultimate features (the pooled `Flatten` output, layer '6', 2·width wide in the student and
                           160 in the teacher), through projection heads 128 wide, at the losses' temperature 0.07
                           (T= is then refused); the student's classifier learns from the labels alone
-    st                    with nce or crd: keep `soft_target` too, the weight split evenly between the two
+    st                    with nce or crd: keep `soft_target` too, the weight split evenly between the two, or
+    w=0.1+0.8             one weight per loss (with st: the contrastive loss's, then soft_target's)
     neg=4096              with crd: the bank's size (default: the training set minus a batch, at most 4,096; see `crd_bank`)
     bal=ratio | bal=unc | bal=grad
                           balance the weights: `RatioBalance(w)` (each distillation loss rescaled to the task loss's value,
@@ -94,6 +95,8 @@ def parse_recipe(spec:str)->dict:
         given.add(k)
     contrastive = r['loss'] in ('info_nce', 'crd')
     if 'st' in given and not contrastive: raise ValueError(f"Recipe {spec!r}: st (keep soft_target) goes with nce or crd.")
+    if '+' in r['w'] and (r['w'].count('+') != 1 or not r['st']): raise ValueError(
+        f"Recipe {spec!r}: w={r['w']} gives one weight per loss, and only nce or crd with st has two losses (w=0.1+0.8).")
     if 'neg' in given and r['loss'] != 'crd': raise ValueError(f"Recipe {spec!r}: neg= is the size of crd's bank; add the field crd.")
     if 'T' in given and contrastive and not r['st']: raise ValueError(
         f"Recipe {spec!r}: T= is the output losses' temperature; {r['loss']} uses its own (0.07). Drop T=, or add st to keep soft_target.")
@@ -110,7 +113,8 @@ def crd_bank(n_train:int, bs:int=128)->int:
 
 def kd_callback(r:dict, teacher, student, n_train:int)->KnowledgeDistillationCallback:
     "The distillation callback of recipe `r` for `student`, on a training set of `n_train` signals"
-    T, w, output = _value(r['T']), _value(r['w']), r['loss'] in ('soft_target', 'decoupled_kd')
+    T, output = _value(r['T']), r['loss'] in ('soft_target', 'decoupled_kd')
+    w = [_value(v) for v in r['w'].split('+')] if '+' in r['w'] else _value(r['w'])
     # GradNorm's shared parameters: the last layer every loss reaches (features at '6' do not reach the classifier)
     weight = w if not r['bal'] else GradNorm(w, shared=student[-1] if output else student[4]) if r['bal'] == 'grad' else BALANCERS[r['bal']](w)
     if output:

@@ -20,7 +20,7 @@ def test_fields():
     ('kd:dkd:crd', 'names two losses (decoupled_kd, crd)'), ('kd:bal=foo', 'bal=ratio, bal=unc, bal=grad'),
     ('kd:st', 'st (keep soft_target) goes with nce or crd'), ('kd:nce:neg=10', "neg= is the size of crd's bank"),
     ('kd:nce:T=2', "T= is the output losses' temperature"), ('scratch:bal=ratio', 'scratch takes lr= and x= only'),
-    ('kd:zz', "Unknown field 'zz'"), ('distil', "must start with 'scratch' or 'kd'")])
+    ('kd:zz', "Unknown field 'zz'"), ('kd:T=4:w=0.1+0.4', 'gives one weight per loss'), ('kd:nce:st:w=0.1+0.1+0.1', 'one weight per loss'), ('distil', "must start with 'scratch' or 'kd'")])
 def test_errors(spec, msg):
     with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')): recipes.parse_recipe(spec)
 
@@ -35,6 +35,8 @@ def test_callbacks():
     kd = recipes.kd_callback(recipes.parse_recipe('kd:nce:st:T=2:w=0.5:bal=ratio'), teacher, student, 1000)
     assert [type(t.loss).__name__ for t in kd.kd_loss.terms] == ['InfoNCE', 'SoftTarget'] and kd.kd_loss.terms[1].loss.T == 2.
     assert isinstance(kd.kd_loss.balance, RatioBalance) and kd.kd_loss.current == [0.25, 0.25]
+    kd = recipes.kd_callback(recipes.parse_recipe('kd:crd:st:w=0.1+0.8:u'), teacher, student, 16000)
+    assert kd.kd_loss.current == [0.1, 0.8] and kd.kd_loss.terms[0].loss.n_negatives == 4096
     kd = recipes.kd_callback(recipes.parse_recipe('kd:T=4:w=0.9:u:bal=unc'), teacher, student, 16000)
     assert isinstance(kd.kd_loss.balance, UncertaintyBalance) and kd.kd_loss.current == [0.9] and kd.student_layers == []
     for spec, layer in (('kd:T=4:w=0.5:bal=grad', student[-1]), ('kd:crd:w=0.5:bal=grad', student[4])): # the last layer every loss reaches
