@@ -32,12 +32,14 @@ minus that of the combination without it.
 Part contrastive (`--part contrastive`): in-batch `InfoNCE` and `CRD` (4,096 negatives), projection heads 64 wide at T = 0.1,
 on the hidden layers, at weights 0.1 and 0.5, against scratch and `soft_target`.
 
-Part overhead (`--part overhead`): what a balancer costs per training step. MNIST-1D, a cnn1d(11) student distilled
-from a cnn1d(80) teacher (untrained: the cost does not depend on the values) with `soft_target` at batch 128; one step
-is the teacher's forward pass, the student's, the mixed loss, its backward pass and an Adam step. Each weight scheme
-(a fixed 0.5, `RatioBalance`, `UncertaintyBalance`, `GradNorm` on the classifier and on the last conv stage) runs
-8 steps per round, the schemes interleaved, for --rounds rounds; the figure is the median over rounds of the process
-CPU time per step (one thread), and the extra time over the fixed weight."""
+Part overhead (`--part overhead`): what a balancer or a contrastive loss costs per training step. MNIST-1D, a cnn1d(11)
+student distilled from a cnn1d(80) teacher (untrained: the cost does not depend on the values) at batch 128; one step
+is the teacher's forward pass, the student's, the mixed loss, its backward pass and an Adam step. The rows: `soft_target`
+at a fixed 0.5, with `RatioBalance`, `UncertaintyBalance`, `GradNorm` on the classifier and on the last conv stage;
+and `InfoNCE` and `CRD` (872 and 4,096 negatives) on the penultimate features (the pooled `Flatten` output, 22 and 160
+wide, projection heads 128 wide) at 0.1. Each row runs 8 steps per round, the rows interleaved, for --rounds rounds;
+the figure is the median over rounds of the process CPU time per step (one thread), and the extra time over the
+fixed-weight `soft_target` row."""
 from __future__ import annotations
 import argparse, platform, random, statistics, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -255,7 +257,8 @@ def part_ablation(a, x, y):
 
 
 def part_overhead(a):
-    "Process CPU time per training step of each weight scheme, interleaved rounds, medians"
+    "Process CPU time per training step of each weight scheme and contrastive loss, interleaved rounds, medians"
+    from kdcb.contrastive import InfoNCE, CRD
     from kdcb.demo import mnist1d, cnn1d
     x, y, _, _ = mnist1d(1024)
     set_seed(0)
@@ -263,25 +266,29 @@ def part_overhead(a):
     schemes = {'fixed 0.5': 0.5, 'RatioBalance(0.5)': RatioBalance(.5), 'UncertaintyBalance(0.5)': UncertaintyBalance(.5),
                'GradNorm(0.5), shared: the classifier': GradNorm(.5, shared=student[-1]),
                'GradNorm(0.5), shared: the last conv stage': GradNorm(.5, shared=student[4])}
-    kds = {n: DistillationLoss(SoftTarget(T=4.), weight=w) for n, w in schemes.items()}
+    kds = {f'soft_target, {n}': DistillationLoss(SoftTarget(T=4.), weight=w) for n, w in schemes.items()}
+    kds.update({'info_nce 0.1': DistillationLoss(InfoNCE(22, 160), weight=.1),
+                'crd 0.1, 872 negatives': DistillationLoss(CRD(22, 160, n_negatives=872), weight=.1),
+                'crd 0.1, 4,096 negatives': DistillationLoss(CRD(22, 160, n_negatives=4096), weight=.1)})
     opt = torch.optim.Adam([*student.parameters(), *(q for kd in kds.values() for q in kd.parameters())], 1e-3)
     batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
     def steps(kd):
         t0 = time.process_time()
         for xb, yb in batches:
-            with torch.no_grad(): tp = teacher(xb)
-            pred = student(xb)
-            mixed, _ = kd(F.cross_entropy(pred, yb), pred=pred, teacher_pred=tp)
+            with torch.no_grad(): ft = teacher[:-1](xb); tp = teacher[-1](ft)
+            fs = student[:-1](xb) # the penultimate features (what a hook on '6' would see), then the classifier
+            pred = student[-1](fs)
+            mixed, _ = kd(F.cross_entropy(pred, yb), pred=pred, teacher_pred=tp, fm_s={'6': fs}, fm_t={'6': ft})
             opt.zero_grad(); mixed.backward(); opt.step()
         return 1e3 * (time.process_time() - t0) / len(batches)
     for kd in kds.values(): steps(kd) # warm-up
     ms = {n: [] for n in kds}
     for _ in range(a.rounds):
         for n, kd in kds.items(): ms[n].append(steps(kd))
-    print(f'\n## Per-step cost of the weight schemes: MNIST-1D, cnn1d(11) student, cnn1d(80) teacher, soft_target, batch 128, '
+    print(f'\n## Per-step cost of the weight schemes and contrastive losses: MNIST-1D, cnn1d(11) student, cnn1d(80) teacher, batch 128, '
           f'{a.rounds} interleaved rounds of {len(batches)} steps, process CPU time, one thread\n')
-    base = statistics.median(ms['fixed 0.5'])
-    print('| weight | ms / step (median) | extra ms / step | step time / fixed |\n|---|---|---|---|')
+    base = statistics.median(ms['soft_target, fixed 0.5'])
+    print('| loss, weight | ms / step (median) | extra ms / step | step time / fixed soft_target |\n|---|---|---|---|')
     for n, v in ms.items():
         m = statistics.median(v)
         print(f'| {n} | {m:.2f} | {m - base:+.2f} | {m / base:.2f} |')
