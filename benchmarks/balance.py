@@ -37,9 +37,9 @@ student distilled from a cnn1d(80) teacher (untrained: the cost does not depend 
 is the teacher's forward pass, the student's, the mixed loss, its backward pass and an Adam step. The rows: `soft_target`
 at a fixed 0.5, with `RatioBalance`, `UncertaintyBalance`, `GradNorm` on the classifier and on the last conv stage;
 and `InfoNCE` and `CRD` (872 and 4,096 negatives) on the penultimate features (the pooled `Flatten` output, 22 and 160
-wide, projection heads 128 wide) at 0.1. Each row runs 8 steps per round, the rows interleaved, for --rounds rounds;
-the figure is the median over rounds of the process CPU time per step (one thread), and the extra time over the
-fixed-weight `soft_target` row."""
+wide, projection heads 128 wide) at 0.1. Each row runs 8 steps per round, the rows interleaved (in an order rotated
+every round), for --rounds rounds; the figure is the median over rounds of the process CPU time per step (one
+thread), and the extra time over the fixed-weight `soft_target` row."""
 from __future__ import annotations
 import argparse, platform, random, statistics, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -283,8 +283,9 @@ def part_overhead(a):
         return 1e3 * (time.process_time() - t0) / len(batches)
     for kd in kds.values(): steps(kd) # warm-up
     ms = {n: [] for n in kds}
-    for _ in range(a.rounds):
-        for n, kd in kds.items(): ms[n].append(steps(kd))
+    names = list(kds)
+    for i in range(a.rounds): # interleaved, the order rotated every round so that no row always follows the same one
+        for n in names[i % len(names):] + names[:i % len(names)]: ms[n].append(steps(kds[n]))
     print(f'\n## Per-step cost of the weight schemes and contrastive losses: MNIST-1D, cnn1d(11) student, cnn1d(80) teacher, batch 128, '
           f'{a.rounds} interleaved rounds of {len(batches)} steps, process CPU time, one thread\n')
     base = statistics.median(ms['soft_target, fixed 0.5'])
