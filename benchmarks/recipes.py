@@ -63,9 +63,10 @@ DEFAULT_RECIPES = ('scratch,scratch:x=4,scratch:lr=3e-2,kd:T=4:w=0.5,kd:T=8:w=0.
 # the capacity axis (--full): the issue's recipe, the labelled-only fix, and unlabelled data at 1x and 4x the steps
 FULL_RECIPES = 'scratch,scratch:x=4,kd:T=4:w=0.5,kd:T=2:w=0.5,kd:T=4:w=0.9:u,kd:T=4:w=0.9:u:x=4'
 # --balance: the fixed-weight recipes of the labelled-only and the `u` regime, the same with each balancer (w the share or
-# prior), and InfoNCE and CRD on the penultimate features instead of soft_target, at two weights, in both regimes
-BALANCE_RECIPES = ','.join(['scratch'] + [f'kd:T=4:w={w}{u}{b}' for w, u in (('0.5', ''), ('0.9', ':u')) for b in ('', ':bal=ratio', ':bal=unc')]
-                           + [f'kd:{c}:w={w}{u}' for u in ('', ':u') for c in ('nce', 'crd') for w in ('0.1', '0.5')])
+# prior); InfoNCE and CRD on the penultimate features instead of soft_target at two weights, and at 0.1 next to it
+BALANCE_RECIPES = ','.join(['scratch'] + [f'kd:T=4:w={w}{u}{b}' for w, u in (('0.5', ''), ('0.9', ':u')) for b in ('', ':bal=ratio', ':bal=unc', ':bal=grad')]
+                           + [r for u, st in (('', '0.4'), (':u', '0.8')) for r in
+                              [f'kd:{c}:w={w}{u}' for c in ('nce', 'crd') for w in ('0.1', '0.5')] + [f'kd:{c}:st:w=0.1+{st}{u}' for c in ('nce', 'crd')]])
 
 
 LOSS_FIELDS = dict(dkd='decoupled_kd', nce='info_nce', crd='crd') # a field that replaces `soft_target`
