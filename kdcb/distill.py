@@ -238,13 +238,13 @@ class UncertaintyBalance(Balancer):
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
 
-# %% ../nbs/04_distill.ipynb #6b198df4
+# %% ../nbs/04_distill.ipynb #ab61a30e
 class GradNorm(Balancer):
     "Chen et al. 2018: weights stepped so that each weighted loss's gradient norm on shared parameters keeps its share"
     def __init__(self, weight:float|Callable|list=0.5, # the gradient share(s) of the distillation losses, as `DistillationLoss`'s `weight`
                  shared:nn.Module|list|None=None, # the student's parameters W whose gradients are compared (a module, e.g. its classifier, or a list)
                  alpha:float=1.5, # pull towards a loss that falls slower than the others (0: gradient norms in the weights' proportions)
-                 lr:float=0.025, # the step of λ, in units of the mean weighted gradient norm
+                 lr:float=0.025, # the step of log λ, in units of the mean weighted gradient norm
                 ):
         super().__init__(weight)
         if shared is None: raise ValueError("GradNorm compares gradients on shared student parameters: give them, e.g. "
@@ -278,7 +278,7 @@ class GradNorm(Balancer):
     def step(self, values:list[Tensor], # each loss's value, task first
              g:Tensor, # ‖∇_W L_k‖ of each
              p:Tensor): # the fixed weights, task first
-        "One step of λ on Σ_k |a_k·g_k − Ḡ·r_k^α·K·p_k|, then the applied weights rescaled to sum to 1"
+        "One step of log λ on Σ_k |a_k·g_k − Ḡ·r_k^α·K·p_k|, then the applied weights rescaled to sum to 1"
         v = torch.stack(values).to(self.lam.device)
         self.initial.copy_(torch.where(self.initial > 0, self.initial, v))
         rel = torch.where(self.initial > 0, v / self.initial.clamp_min(1e-12), 1.) # L̃_k; 1 until a loss has been seen above 0
@@ -286,7 +286,7 @@ class GradNorm(Balancer):
         Gm = G.mean()
         if Gm <= 0: return # no gradient reaches W in this batch
         target = Gm * (rel / rel.mean()) ** self.alpha * len(p) * p
-        self.lam.sub_(self.lr * torch.sign(G - target) * p * g / Gm).clamp_(min=1e-3)
+        self.lam.mul_(torch.exp(-self.lr * torch.sign(G - target) * G / Gm)) # a step on log λ: ∂/∂log λ_k = sign(·)·G_k
         self.lam.div_((self.lam * p).sum())
 
 # %% ../nbs/04_distill.ipynb #6b6a08f7
