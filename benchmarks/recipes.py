@@ -278,7 +278,7 @@ def get_parser()->argparse.ArgumentParser:
     p.add_argument('--n-labelled', type=int, default=1000, help="labelled student signals, the first of the teacher's (default 1000)")
     p.add_argument('--n-teacher', type=int, default=16000, help='teacher training signals (default 16000)')
     p.add_argument('--teacher-epochs', type=int, default=30, help='teacher training epochs (default 30)')
-    p.add_argument('--probe', action='store_true', help='also measure, in the first seed of every distillation recipe, the gradients '
+    p.add_argument('--probe', action='store_true', help='also measure, in the first seed of every distillation recipe with one output loss at a fixed weight, the gradients '
                    'of the weighted task and distillation terms at 0, 25, 50 and 90%% of training: norm ratio and cosine')
     p.add_argument('--full', action='store_true', help=f'the capacity grid: widths 6,11,22,40 (unless --widths), recipes {FULL_RECIPES} (unless --recipes)')
     p.add_argument('--balance', action='store_true', help=f'recipes {BALANCE_RECIPES} (unless --recipes)')
