@@ -1,7 +1,7 @@
 """Multi-label (sigmoid) distillation, and loss weights that balance themselves, on scikit-learn's bundled digits.
 
 Run: python benchmarks/balance.py                      # multilabel and balance parts, 3 paired seeds: about 3 minutes on one CPU thread
-     python benchmarks/balance.py --part multilabel     # or --part balance, --part ablation, --part contrastive (not in 'both')
+     python benchmarks/balance.py --part multilabel     # or --part balance, --part ablation, --part contrastive, --part overhead (not in 'both')
      python benchmarks/balance.py --seeds 0,1,2,3,4 --epochs 60 --n-student 300
 
 Data: the 1,797 8x8 digits (bundled with scikit-learn, no download), pixels / 16, a fixed shuffled split: the last 360
@@ -30,7 +30,16 @@ losses (response, feature, relation) against scratch on the 10-class task, paire
 minus that of the combination without it.
 
 Part contrastive (`--part contrastive`): in-batch `InfoNCE` and `CRD` (4,096 negatives), projection heads 64 wide at T = 0.1,
-on the hidden layers, at weights 0.1 and 0.5, against scratch and `soft_target`."""
+on the hidden layers, at weights 0.1 and 0.5, against scratch and `soft_target`.
+
+Part overhead (`--part overhead`): what a balancer or a contrastive loss costs per training step. MNIST-1D, a cnn1d(11)
+student distilled from a cnn1d(80) teacher (untrained: the cost does not depend on the values) at batch 128; one step
+is the teacher's forward pass, the student's, the mixed loss, its backward pass and an Adam step. The rows: `soft_target`
+at a fixed 0.5, with `RatioBalance`, `UncertaintyBalance`, `GradNorm` on the classifier and on the last conv stage;
+and `InfoNCE` and `CRD` (872 and 4,096 negatives) on the penultimate features (the pooled `Flatten` output, 22 and 160
+wide, projection heads 128 wide) at 0.1. Each row runs 8 steps per round, the rows interleaved (in an order rotated
+every round), for --rounds rounds; the figure is the median over rounds of the process CPU time per step (one
+thread), and the extra time over the fixed-weight `soft_target` row."""
 from __future__ import annotations
 import argparse, platform, random, statistics, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -46,7 +55,7 @@ from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
 import fastai.callback.schedule, fastai.callback.progress # Learner.fit_one_cycle, Learner.no_bar
 from kdcb.all import *
-from kdcb.distill import RatioBalance, UncertaintyBalance
+from kdcb.distill import RatioBalance, UncertaintyBalance, GradNorm
 from kdcb.multilabel import SigmoidKD
 from kdcb.demo import TensorDL
 
@@ -247,9 +256,49 @@ def part_ablation(a, x, y):
         print(f"| {n} | {statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0:.2f} |")
 
 
+def part_overhead(a):
+    "Process CPU time per training step of each weight scheme and contrastive loss, interleaved rounds, medians"
+    from kdcb.contrastive import InfoNCE, CRD
+    from kdcb.demo import mnist1d, cnn1d
+    x, y, _, _ = mnist1d(1024)
+    set_seed(0)
+    teacher, student = cnn1d(80).eval(), cnn1d(11)
+    schemes = {'fixed 0.5': 0.5, 'RatioBalance(0.5)': RatioBalance(.5), 'UncertaintyBalance(0.5)': UncertaintyBalance(.5),
+               'GradNorm(0.5), shared: the classifier': GradNorm(.5, shared=student[-1]),
+               'GradNorm(0.5), shared: the last conv stage': GradNorm(.5, shared=student[4])}
+    kds = {f'soft_target, {n}': DistillationLoss(SoftTarget(T=4.), weight=w) for n, w in schemes.items()}
+    kds.update({'info_nce 0.1': DistillationLoss(InfoNCE(22, 160), weight=.1),
+                'crd 0.1, 872 negatives': DistillationLoss(CRD(22, 160, n_negatives=872), weight=.1),
+                'crd 0.1, 4,096 negatives': DistillationLoss(CRD(22, 160, n_negatives=4096), weight=.1)})
+    opt = torch.optim.Adam([*student.parameters(), *(q for kd in kds.values() for q in kd.parameters())], 1e-3)
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
+    def steps(kd):
+        t0 = time.process_time()
+        for xb, yb in batches:
+            with torch.no_grad(): ft = teacher[:-1](xb); tp = teacher[-1](ft)
+            fs = student[:-1](xb) # the penultimate features (what a hook on '6' would see), then the classifier
+            pred = student[-1](fs)
+            mixed, _ = kd(F.cross_entropy(pred, yb), pred=pred, teacher_pred=tp, fm_s={'6': fs}, fm_t={'6': ft})
+            opt.zero_grad(); mixed.backward(); opt.step()
+        return 1e3 * (time.process_time() - t0) / len(batches)
+    for kd in kds.values(): steps(kd) # warm-up
+    ms = {n: [] for n in kds}
+    names = list(kds)
+    for i in range(a.rounds): # interleaved, the order rotated every round so that no row always follows the same one
+        for n in names[i % len(names):] + names[:i % len(names)]: ms[n].append(steps(kds[n]))
+    print(f'\n## Per-step cost of the weight schemes and contrastive losses: MNIST-1D, cnn1d(11) student, cnn1d(80) teacher, batch 128, '
+          f'{a.rounds} interleaved rounds of {len(batches)} steps, process CPU time, one thread\n')
+    base = statistics.median(ms['soft_target, fixed 0.5'])
+    print('| loss, weight | ms / step (median) | extra ms / step | step time / fixed soft_target |\n|---|---|---|---|')
+    for n, v in ms.items():
+        m = statistics.median(v)
+        print(f'| {n} | {m:.2f} | {m - base:+.2f} | {m / base:.2f} |')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--part', choices=['multilabel', 'balance', 'ablation', 'contrastive', 'both'], default='both')
+    p.add_argument('--part', choices=['multilabel', 'balance', 'ablation', 'contrastive', 'overhead', 'both'], default='both')
+    p.add_argument('--rounds', type=int, default=20, help='--part overhead: interleaved rounds of 8 steps per weight scheme')
     p.add_argument('--seeds', default='0,1,2')
     p.add_argument('--epochs', type=int, default=40)
     p.add_argument('--teacher-epochs', type=int, default=40)
@@ -266,6 +315,7 @@ def main(argv=None):
     if a.part in ('balance', 'both'): part_balance(a, x, y)
     if a.part == 'ablation': part_ablation(a, x, y)
     if a.part == 'contrastive': part_contrastive(a, x, y)
+    if a.part == 'overhead': part_overhead(a)
 
 
 if __name__ == '__main__': main()

@@ -3,6 +3,7 @@
 Run: python benchmarks/recipes.py --probe            # the default grid (60 epochs, width 11): about 6 minutes on one CPU thread
      python benchmarks/recipes.py --full              # student widths 6, 11, 22, 40 at 60 epochs (about 15 minutes)
      python benchmarks/recipes.py --recipes scratch,kd:T=4:w=0.5,kd:T=2:w=0.5,kd:T=4:w=0.9:u --epochs 200  # longer
+     python benchmarks/recipes.py --balance           # balancers and contrastive losses against the fixed weights
 
 The regime of kdcb issue 15: a `cnn1d(80)` teacher trained on 16,000 MNIST-1D signals (built locally, no download);
 a `cnn1d(width)` student on the first 1,000 of them; validation on the 1,000 signals after those. Every batch is
@@ -17,6 +18,18 @@ A recipe is a string of ':'-separated fields:
     T=4 | T=4>1           temperature, or a linear schedule from 4 to 1 over training
     w=0.5 | w=0.1>0.9     distillation weight (the task loss gets 1 - w), or a linear schedule
     dkd                   `decoupled_kd` (beta=2, on labelled items only) instead of `soft_target`
+    nce | crd             `InfoNCE` (in-batch negatives) or `CRD` (a bank of negatives) instead of `soft_target`: on the
+                          penultimate features (the pooled `Flatten` output, layer '6', 2·width wide in the student and
+                          160 in the teacher), through projection heads 128 wide, at the losses' temperature 0.07
+                          (T= is then refused); the student's classifier learns from the labels alone
+    st                    with nce or crd: keep `soft_target` too, the weight split evenly between the two, or
+    w=0.1+0.8             one weight per loss (with st: the contrastive loss's, then soft_target's)
+    neg=4096              with crd: the bank's size (default: the training set minus a batch, at most 4,096; see `crd_bank`)
+    bal=ratio | bal=unc | bal=grad
+                          balance the weights: `RatioBalance(w)` (each distillation loss rescaled to the task loss's value,
+                          w its share), `UncertaintyBalance(w)` (learned log-variances, w the prior weight) or
+                          `GradNorm(w)` (gradient norms on the classifier, or with nce/crd on the last conv stage, kept in
+                          the proportion w : 1 - w); w= is then the share or prior, not a fixed weight
     u                     add the other teacher signals WITHOUT labels (`kdcb.unlabelled`): they carry the
                           distillation loss only; an epoch then covers all 16,000 signals
     rep=4                 with `u`: repeat the labelled signals this many times in the training set
@@ -49,23 +62,69 @@ DEFAULT_RECIPES = ('scratch,scratch:x=4,scratch:lr=3e-2,kd:T=4:w=0.5,kd:T=8:w=0.
                    'kd:T=4:w=0.9:u,kd:T=4:w=0.9:u:lr=3e-2,kd:T=4:w=0.9:u:x=4')
 # the capacity axis (--full): the issue's recipe, the labelled-only fix, and unlabelled data at 1x and 4x the steps
 FULL_RECIPES = 'scratch,scratch:x=4,kd:T=4:w=0.5,kd:T=2:w=0.5,kd:T=4:w=0.9:u,kd:T=4:w=0.9:u:x=4'
+# --balance: the fixed-weight recipes of the labelled-only and the `u` regime, the same with each balancer (w the share or
+# prior); InfoNCE and CRD on the penultimate features instead of soft_target at two weights, and at 0.1 next to it
+BALANCE_RECIPES = ','.join(['scratch'] + [f'kd:T=4:w={w}{u}{b}' for w, u in (('0.5', ''), ('0.9', ':u')) for b in ('', ':bal=ratio', ':bal=unc', ':bal=grad')]
+                           + [r for u, st in (('', '0.4'), (':u', '0.8')) for r in
+                              [f'kd:{c}:w={w}{u}' for c in ('nce', 'crd') for w in ('0.1', '0.5')] + [f'kd:{c}:st:w=0.1+{st}{u}' for c in ('nce', 'crd')]])
+
+
+LOSS_FIELDS = dict(dkd='decoupled_kd', nce='info_nce', crd='crd') # a field that replaces `soft_target`
+BALANCERS = dict(ratio=RatioBalance, unc=UncertaintyBalance, grad=GradNorm) # the values of bal=
+PENULTIMATE = '6' # cnn1d's `Flatten`: the pooled features its linear head classifies
 
 
 def parse_recipe(spec:str)->dict:
-    "The settings of a recipe string (see the module docstring); an unknown field is an error"
+    "The settings of a recipe string (see the module docstring); an unknown or conflicting field is an error"
     f = spec.split(':')
     if f[0] not in ('scratch', 'kd'): raise ValueError(f"Recipe {spec!r} must start with 'scratch' or 'kd'.")
-    r = dict(spec=spec, kd=f[0] == 'kd', T='4', w='0.5', loss='soft_target', u=False, rep=1, lr=None, x=1.)
+    r = dict(spec=spec, kd=f[0] == 'kd', T='4', w='0.5', loss='soft_target', st=False, bal=None, neg=None, u=False, rep=1, lr=None, x=1.)
+    given = set()
     for fld in f[1:]:
         k, _, v = fld.partition('=')
-        if k == 'u' and not v: r['u'] = True
-        elif k == 'dkd' and not v: r['loss'] = 'decoupled_kd'
+        if k in ('u', 'st') and not v: r[k] = True
+        elif k in LOSS_FIELDS and not v:
+            if r['loss'] != 'soft_target': raise ValueError(f"Recipe {spec!r} names two losses ({r['loss']}, {LOSS_FIELDS[k]}): keep one of dkd, nce, crd.")
+            r['loss'] = LOSS_FIELDS[k]
         elif k in ('T', 'w') and v: r[k] = v
+        elif k == 'bal' and v in BALANCERS: r['bal'] = v
+        elif k == 'bal': raise ValueError(f"Field {fld!r} of {spec!r}: the balancers are bal={', bal='.join(BALANCERS)}.")
         elif k in ('lr', 'x') and v: r[k] = float(v)
-        elif k == 'rep' and v: r['rep'] = int(v)
-        else: raise ValueError(f"Unknown field {fld!r} in recipe {spec!r}: use T=, w=, dkd, u, rep=, lr=, x=.")
+        elif k in ('rep', 'neg') and v: r[k] = int(v)
+        else: raise ValueError(f"Unknown field {fld!r} in recipe {spec!r}: use T=, w=, dkd, nce, crd, st, neg=, bal=, u, rep=, lr=, x=.")
         if not r['kd'] and k not in ('lr', 'x'): raise ValueError(f"Field {fld!r} of {spec!r}: scratch takes lr= and x= only.")
+        given.add(k)
+    contrastive = r['loss'] in ('info_nce', 'crd')
+    if 'st' in given and not contrastive: raise ValueError(f"Recipe {spec!r}: st (keep soft_target) goes with nce or crd.")
+    if '+' in r['w'] and (r['w'].count('+') != 1 or not r['st']): raise ValueError(
+        f"Recipe {spec!r}: w={r['w']} gives one weight per loss, and only nce or crd with st has two losses (w=0.1+0.8).")
+    if 'neg' in given and r['loss'] != 'crd': raise ValueError(f"Recipe {spec!r}: neg= is the size of crd's bank; add the field crd.")
+    if 'T' in given and contrastive and not r['st']: raise ValueError(
+        f"Recipe {spec!r}: T= is the output losses' temperature; {r['loss']} uses its own (0.07). Drop T=, or add st to keep soft_target.")
     return r
+
+
+def crd_bank(n_train:int, bs:int=128)->int:
+    """CRD's bank for a training set of `n_train`: at most one epoch minus a batch, so that a signal seldom meets an
+    earlier view of itself among its negatives (CRD excludes it by index, a queue cannot), and at most 4,096 = 32
+    batches, so that no negative was projected by heads more than 32 steps older (CRD's own bank is indexed by sample
+    and moves by momentum; a queue of 16,384 over 1,000 signals would hold each one 16 times)"""
+    return max(1, min(4096, n_train - bs))
+
+
+def kd_callback(r:dict, teacher, student, n_train:int)->KnowledgeDistillationCallback:
+    "The distillation callback of recipe `r` for `student`, on a training set of `n_train` signals"
+    T, output = _value(r['T']), r['loss'] in ('soft_target', 'decoupled_kd')
+    w = [_value(v) for v in r['w'].split('+')] if '+' in r['w'] else _value(r['w'])
+    # GradNorm's shared parameters: the last layer every loss reaches (features at '6' do not reach the classifier)
+    weight = w if not r['bal'] else GradNorm(w, shared=student[-1] if output else student[4]) if r['bal'] == 'grad' else BALANCERS[r['bal']](w)
+    if output:
+        loss = SoftTarget(T=T) if r['loss'] == 'soft_target' else DecoupledKD(T=T, beta=2., ignore_index=UNLABELLED)
+        return KnowledgeDistillationCallback(teacher, loss=loss, weight=weight)
+    cs, ct = student[-1].in_features, teacher[-1].in_features # the widths the projection heads take
+    c = InfoNCE(cs, ct) if r['loss'] == 'info_nce' else CRD(cs, ct, n_negatives=r['neg'] or crd_bank(n_train))
+    return KnowledgeDistillationCallback(teacher, loss=[c, SoftTarget(T=T)] if r['st'] else c,
+                                         student_layers=[PENULTIMATE], teacher_layers=[PENULTIMATE], weight=weight)
 
 
 def _value(v:str): # '4' -> 4.0; '4>1' -> a linear schedule of pct_train from 4 to 1
@@ -121,18 +180,18 @@ def run_one(r:dict, data:dict, teacher, epochs:int, width:int, seed:int, lr:floa
     set_seed(seed) # the same augmentation stream and, on the same data, the same batch order for every recipe
     dls.train.rng = random.Random(seed)
     log, cbs = AccLog(), [ShiftNoise()]
-    if r['kd']:
-        T, w = _value(r['T']), _value(r['w'])
-        loss = SoftTarget(T=T) if r['loss'] == 'soft_target' else DecoupledKD(T=T, beta=2., ignore_index=UNLABELLED)
-        cbs.append(KnowledgeDistillationCallback(teacher, loss=loss, weight=w))
+    if r['kd']: cbs.append(kd := kd_callback(r, teacher, student, len(x)))
     task = LabelledOnly() if r['u'] else CrossEntropyLossFlat()
-    if probe and r['kd']: cbs.append(gp := GradProbe(teacher, loss, w, task))
+    probe = probe and r['kd'] and r['bal'] is None and r['loss'] in ('soft_target', 'decoupled_kd') # one output loss at a fixed weight
+    if probe: cbs.append(gp := GradProbe(teacher, kd.kd_loss.terms[0].loss, _value(r['w']), task))
     learn = Learner(dls, student, loss_func=task, metrics=accuracy, cbs=[log] + cbs)
     t0 = time.perf_counter()
     with learn.no_logging(), learn.no_bar(): learn.fit_one_cycle(ep, r['lr'] or lr)
+    secs = time.perf_counter() - t0
     out = _evaluate(student, teacher, xl, yl, xv, yv)
-    return dict(out, curve=log.accs, steps=log.steps, epochs=ep, secs=time.perf_counter() - t0,
-                probe=gp.rows if probe and r['kd'] else None)
+    if r['bal']: out['w'] = {k[2:]: v for k, v in zip(kd.columns.names, kd.columns.averages()) if k.startswith('w_')} # last epoch
+    return dict(out, curve=log.accs, steps=log.steps, epochs=ep, secs=secs,
+                probe=gp.rows if probe else None)
 
 
 def get_teacher(data:dict, epochs:int, out:Path, width:int=80)->tuple:
@@ -158,8 +217,8 @@ def _ms(v): return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0
 def table(rows:list[dict])->str:
     "One cell's markdown table: accuracy, change from scratch (paired), train accuracy, agreement with the teacher"
     base = next((r for r in rows if r['spec'] == 'scratch'), None)
-    lines = ['| recipe | epochs | steps | accuracy (%) | vs scratch | at half time (%) | train acc (%) | agrees with teacher (%) | s / run |',
-             '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| recipe | epochs | steps | accuracy (%) | vs scratch | at half time (%) | train acc (%) | agrees with teacher (%) | s / run | ms / step |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         m, s = _ms([x['acc'] for x in r['runs']])
         if base is None: d = '—'
@@ -169,7 +228,11 @@ def table(rows:list[dict])->str:
         tm, am = (statistics.mean(x[k] for x in r['runs']) for k in ('train_acc', 'agree'))
         half = statistics.mean(100 * x['curve'][(len(x['curve']) - 1) // 2] for x in r['runs']) # after half the epochs
         lines.append(f"| {r['spec']} | {r['runs'][0]['epochs']} | {r['runs'][0]['steps']} | {m:.1f} ± {s:.1f} | {d} | {half:.1f} | {tm:.1f} | "
-                     f"{am:.1f} | {statistics.mean(x['secs'] for x in r['runs']):.1f} |")
+                     f"{am:.1f} | {statistics.mean(x['secs'] for x in r['runs']):.1f} | "
+                     f"{statistics.median(1e3 * x['secs'] / x['steps'] for x in r['runs']):.1f} |")
+    ws = [r for r in rows if 'w' in r['runs'][0]]
+    if ws: lines += ['', "Weights the balancers applied, mean over the last epoch's batches and the seeds: " + '; '.join(
+        f"{r['spec']}: " + ', '.join(f"{k} {statistics.mean(x['w'][k] for x in r['runs']):.3g}" for k in r['runs'][0]['w']) for r in ws)]
     return '\n'.join(lines)
 
 
@@ -215,9 +278,10 @@ def get_parser()->argparse.ArgumentParser:
     p.add_argument('--n-labelled', type=int, default=1000, help="labelled student signals, the first of the teacher's (default 1000)")
     p.add_argument('--n-teacher', type=int, default=16000, help='teacher training signals (default 16000)')
     p.add_argument('--teacher-epochs', type=int, default=30, help='teacher training epochs (default 30)')
-    p.add_argument('--probe', action='store_true', help='also measure, in the first seed of every distillation recipe, the gradients '
+    p.add_argument('--probe', action='store_true', help='also measure, in the first seed of every distillation recipe with one output loss at a fixed weight, the gradients '
                    'of the weighted task and distillation terms at 0, 25, 50 and 90%% of training: norm ratio and cosine')
     p.add_argument('--full', action='store_true', help=f'the capacity grid: widths 6,11,22,40 (unless --widths), recipes {FULL_RECIPES} (unless --recipes)')
+    p.add_argument('--balance', action='store_true', help=f'recipes {BALANCE_RECIPES} (unless --recipes)')
     p.add_argument('--out', default='recipes-out', help='folder for the plot, results.md and the cached teacher (default ./recipes-out)')
     return p
 
@@ -226,7 +290,7 @@ def main(argv=None):
     p = get_parser()
     a = p.parse_args(argv)
     torch.set_num_threads(1) # tiny models: one thread is as fast, and leaves the machine's other cores alone
-    recipes = [parse_recipe(s.strip()) for s in (a.recipes or (FULL_RECIPES if a.full else DEFAULT_RECIPES)).split(',') if s.strip()]
+    recipes = [parse_recipe(s.strip()) for s in (a.recipes or (FULL_RECIPES if a.full else BALANCE_RECIPES if a.balance else DEFAULT_RECIPES)).split(',') if s.strip()]
     epochs = [int(e) for e in a.epochs.split(',')]
     widths = [int(w) for w in (a.widths or ('6,11,22,40' if a.full else '11')).split(',')]
     if not 0 < a.n_labelled < a.n_teacher: p.error(f"--n-labelled must be in (0, --n-teacher), got {a.n_labelled}.")

@@ -15,7 +15,7 @@ from .core import _LOSSES, _key
 
 # %% auto #0
 __all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'RatioBalance',
-           'UncertaintyBalance', 'WeightLog', 'FeatureHooks']
+           'UncertaintyBalance', 'GradNorm', 'WeightLog', 'FeatureHooks']
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
@@ -237,6 +237,57 @@ class UncertaintyBalance(Balancer):
         s, prior = self.log_vars, [1 - sum(weights), *weights]
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
+
+# %% ../nbs/04_distill.ipynb #ab61a30e
+class GradNorm(Balancer):
+    "Chen et al. 2018: weights stepped so that each weighted loss's gradient norm on shared parameters keeps its share"
+    def __init__(self, weight:float|Callable|list=0.5, # the gradient share(s) of the distillation losses, as `DistillationLoss`'s `weight`
+                 shared:nn.Module|list|None=None, # the student's parameters W whose gradients are compared (a module, e.g. its classifier, or a list)
+                 alpha:float=1.5, # pull towards a loss that falls slower than the others (0: gradient norms in the weights' proportions)
+                 lr:float=0.025, # the step of log λ, in units of the mean weighted gradient norm
+                ):
+        super().__init__(weight)
+        if shared is None: raise ValueError("GradNorm compares gradients on shared student parameters: give them, e.g. "
+                                            "`GradNorm(0.5, shared=student[-1])` for the classifier.")
+        self.alpha, self.lr = alpha, lr
+        self._shared = [p for p in (shared.parameters() if isinstance(shared, nn.Module) else shared) if p.requires_grad] # not a submodule: not this loss's to train
+        if not self._shared: raise ValueError("GradNorm's `shared` holds no trainable parameters.")
+
+    def setup(self, n:int):
+        self.register_buffer('lam', torch.ones(n + 1)) # λ, task first
+        self.register_buffer('initial', torch.zeros(n + 1)) # each loss at the first training batch (0: not seen yet)
+
+    def forward(self, task:Tensor, values:list[Tensor], weights:list[float])->tuple[Tensor, Tensor]:
+        losses, p = [task, *values], self.lam.new_tensor([1 - sum(weights), *weights])
+        a = self.lam * p # the weights applied to this batch
+        if torch.is_grad_enabled(): self.step([l.detach().float() for l in losses], self.grad_norms(losses), p)
+        return sum(ai * l for ai, l in zip(a, losses)), a
+
+    def grad_norms(self, losses:list[Tensor])->Tensor:
+        "‖∇_W L_k‖ for every loss (0 for a constant one, such as the task loss of a batch without labels)"
+        out = []
+        for k, l in enumerate(losses):
+            g = torch.autograd.grad(l, self._shared, retain_graph=True, allow_unused=True) if l.requires_grad else [None]
+            if l.requires_grad and all(gi is None for gi in g): raise ValueError(
+                f"GradNorm: {'the task loss' if k == 0 else f'distillation loss {k - 1}'} does not reach the `shared` parameters; "
+                "give parameters that every loss's gradient passes through (feature losses do not reach the classifier).")
+            out.append(torch.sqrt(sum(gi.float().pow(2).sum() for gi in g if gi is not None)) if l.requires_grad else torch.zeros(()))
+        return torch.stack(out).to(self.lam.device)
+
+    @torch.no_grad()
+    def step(self, values:list[Tensor], # each loss's value, task first
+             g:Tensor, # ‖∇_W L_k‖ of each
+             p:Tensor): # the fixed weights, task first
+        "One step of log λ on Σ_k |a_k·g_k − Ḡ·r_k^α·K·p_k|, then the applied weights rescaled to sum to 1"
+        v = torch.stack(values).to(self.lam.device)
+        self.initial.copy_(torch.where(self.initial > 0, self.initial, v))
+        rel = torch.where(self.initial > 0, v / self.initial.clamp_min(1e-12), 1.) # L̃_k; 1 until a loss has been seen above 0
+        G = self.lam * p * g
+        Gm = G.mean()
+        if Gm <= 0: return # no gradient reaches W in this batch
+        target = Gm * (rel / rel.mean()) ** self.alpha * len(p) * p
+        self.lam.mul_(torch.exp(-self.lr * torch.sign(G - target) * G / Gm)) # a step on log λ: ∂/∂log λ_k = sign(·)·G_k
+        self.lam.div_((self.lam * p).sum())
 
 # %% ../nbs/04_distill.ipynb #6b6a08f7
 from fastai.callback.core import Callback

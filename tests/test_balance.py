@@ -1,4 +1,4 @@
-"Balanced weights: RatioBalance and UncertaintyBalance against their formulas, in the callback's columns, trained, saved and reloaded"
+"Balanced weights: RatioBalance, UncertaintyBalance and GradNorm against their formulas, in the callback's columns, trained, saved and reloaded"
 import math, pytest, torch
 import torch.nn.functional as F
 from torch import nn
@@ -6,7 +6,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.schedule import SchedLin
 from kdcb.all import *
-from kdcb.distill import Balancer, RatioBalance, UncertaintyBalance
+from kdcb.distill import Balancer, RatioBalance, UncertaintyBalance, GradNorm
 from conftest import toy_dls, mlp, quiet_fit
 
 torch.set_num_threads(1)
@@ -108,3 +108,40 @@ def test_balancers_in_the_callback():
     quiet_fit(learn, 1)
     task, logits, w_task, w_logits = kr.averages()
     assert w_task == pytest.approx(.7) and w_logits > 0
+
+
+def test_gradnorm_reaches_the_gradient_shares():
+    "On a fixed batch (every r_k = 1) the weighted gradient norms on W settle in the proportions of the weights, whatever the scales"
+    torch.manual_seed(0)
+    head = nn.Linear(4, 5)
+    x, t, y = torch.randn(16, 4), torch.randn(16, 5), torch.randint(0, 5, (16,))
+    big = lambda pred, teacher_pred: 1000 * (pred - teacher_pred).pow(2).mean() # a loss a thousand times too large
+    kd = DistillationLoss(big, weight=GradNorm(.25, shared=head, lr=.02))
+    for _ in range(1500):
+        pred = head(x)
+        _, cols = kd(F.cross_entropy(pred, y), pred=pred, teacher_pred=t)
+    a = cols[1:]
+    assert a.sum().item() == pytest.approx(1.)
+    g = [torch.cat([q.flatten() for q in torch.autograd.grad(l, list(head.parameters()))]).norm()
+         for l in (F.cross_entropy(head(x), y), big(head(x), t))]
+    assert (a[1] * g[1] / (a[0] * g[0])).item() == pytest.approx(.25 / .75, rel=.1) # the distillation gradient a third of the task's
+    assert a[1].item() < 1e-3 # reached by weighting the large loss down
+
+
+def test_gradnorm_in_the_callback():
+    "Weights in the columns sum to 1; λ steps in training only, is no optimizer parameter, and saves with the callback"
+    dls, teacher, student = toy_dls(), mlp(), mlp()
+    kd = KnowledgeDistillationCallback(teacher, 'soft_target', weight=GradNorm(.5, shared=student[-1]))
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=kd)
+    quiet_fit(learn, 2, lr=1e-2)
+    assert kd.column_names == ['task_loss', 'soft_target', 'w_task', 'w_soft_target']
+    _, _, w_task, w_st = kd.averages()
+    assert w_task + w_st == pytest.approx(1., rel=1e-5)
+    lam = kd.kd_loss.balance.lam.clone()
+    assert not torch.equal(lam, torch.ones(2)) and list(kd.kd_loss.parameters()) == []
+    learn.validate()
+    torch.testing.assert_close(kd.kd_loss.balance.lam, lam) # validation batches do not step it
+    kd2 = KnowledgeDistillationCallback(teacher, 'soft_target', weight=GradNorm(.5, shared=mlp()[-1]))
+    kd2.load_state_dict(kd.state_dict())
+    torch.testing.assert_close(kd2.kd_loss.balance.lam, lam)
+    torch.testing.assert_close(kd2.kd_loss.balance.initial, kd.kd_loss.balance.initial)
