@@ -48,7 +48,7 @@ class LossColumns(Callback):
         if getattr(self, 'fitting', False): self.learn.recorder.log += self.averages()
     def after_fit(self): self.fitting = False
 
-# %% ../nbs/05_callback.ipynb #f76cd4c5
+# %% ../nbs/05_callback.ipynb #0b8e238b
 def finding_lr(learn:Learner)->bool: return any(type(c).__name__ == 'LRFinder' for c in learn.cbs) # is this fit `lr_find`'s?
 
 def join_optimizer(opt, # the learner's optimizer
@@ -145,6 +145,10 @@ class ColumnsCallback(Callback):
 
     def _cleanup(self, learn:Learner|None): "Undo what the fit set up; safe to repeat"
 
+    @property
+    def column_names(self)->list[str]: return self.columns.names # e.g. 'task_loss', then one per distillation loss
+    def averages(self)->list: return self.columns.averages() # this epoch's training averages, in the order of `column_names`
+
 # %% ../nbs/05_callback.ipynb #332c988e
 def class_axis(loss_func, # the learner's task loss
                pred:Tensor, # the student's logits
@@ -200,7 +204,7 @@ class OutputAlignment:
                           "for `LogitsDistillationLoss(temperature=...)`.")
         return True
 
-# %% ../nbs/05_callback.ipynb #62b2e614
+# %% ../nbs/05_callback.ipynb #7d5e8b82
 def _layer_names(student_layers, teacher_layers, activations_student, activations_teacher):
     "Validated (student, teacher) layer names: lists paired one to one, 'auto', or none"
     if activations_student is not None or activations_teacher is not None: # fasterai's names for the same arguments
@@ -251,7 +255,18 @@ def _pairs_on_data(learn:Learner, teacher_model:nn.Module):
     b = dl.one_batch()
     return auto_pairs(learn.model, teacher_model, b[:getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)])
 
-class KnowledgeDistillationCallback(ColumnsCallback):
+class _FasteraiNames:
+    "fasterai's attribute names on the distillation callback, for code written against fasterai"
+    @property
+    def weight(self): return self.kd_loss.weights[0] if len(self.kd_loss.weights) == 1 else self.kd_loss.weights
+    @property
+    def current_weight(self)->float: return sum(self.kd_loss.current) # the total distillation weight at this batch
+    @property
+    def activations_student(self): return self.student_layers
+    @property
+    def activations_teacher(self): return self.teacher_layers
+
+class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
     _stateattrs = ('_teacher', 'kd_loss', 'parts', 'student_hooks', 'teacher_hooks', 'teacher_pred') # `export` writes the student alone
@@ -353,10 +368,6 @@ class KnowledgeDistillationCallback(ColumnsCallback):
         self.__dict__.update(_teacher=None, kd_loss=None, parts=TrainedParts(), student_hooks=None, teacher_hooks=None,
                              teacher_pred=None, on=False)
 
-    @property
-    def column_names(self)->list[str]: return self.columns.names # 'task_loss', then one per distillation loss
-    def averages(self)->list: return self.columns.averages()
-
     def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
         "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
         return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
@@ -368,12 +379,3 @@ class KnowledgeDistillationCallback(ColumnsCallback):
             f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
         self.parts.saved = list(state.get('optimizer', []))
 
-    # fasterai's attribute names
-    @property
-    def weight(self): return self.kd_loss.weights[0] if len(self.kd_loss.weights) == 1 else self.kd_loss.weights
-    @property
-    def current_weight(self)->float: return sum(self.kd_loss.current) # the total distillation weight at this batch
-    @property
-    def activations_student(self): return self.student_layers
-    @property
-    def activations_teacher(self): return self.teacher_layers
