@@ -238,7 +238,7 @@ class UncertaintyBalance(Balancer):
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
 
-# %% ../nbs/04_distill.ipynb #ab61a30e
+# %% ../nbs/04_distill.ipynb #4754f2c0
 class GradNorm(Balancer):
     "Chen et al. 2018: weights stepped so that each weighted loss's gradient norm on shared parameters keeps its share"
     def __init__(self, weight:float|Callable|list=0.5, # the gradient share(s) of the distillation losses, as `DistillationLoss`'s `weight`
@@ -284,9 +284,9 @@ class GradNorm(Balancer):
         rel = torch.where(self.initial > 0, v / self.initial.clamp_min(1e-12), 1.) # L̃_k; 1 until a loss has been seen above 0
         G = self.lam * p * g
         Gm = G.mean()
-        if Gm <= 0: return # no gradient reaches W in this batch
         target = Gm * (rel / rel.mean()) ** self.alpha * len(p) * p
-        self.lam.mul_(torch.exp(-self.lr * torch.sign(G - target) * G / Gm)) # a step on log λ: ∂/∂log λ_k = sign(·)·G_k
+        step = torch.exp(-self.lr * torch.sign(G - target) * G / Gm) # a step on log λ: ∂/∂log λ_k = sign(·)·G_k
+        self.lam.mul_(torch.where(Gm > 0, step, 1.)) # no step when no gradient reaches W (decided on the device: no sync per batch)
         self.lam.div_((self.lam * p).sum())
 
 # %% ../nbs/04_distill.ipynb #6b6a08f7

@@ -128,6 +128,16 @@ def test_gradnorm_reaches_the_gradient_shares():
     assert a[1].item() < 1e-3 # reached by weighting the large loss down
 
 
+def test_gradnorm_takes_no_step_without_gradients():
+    "A batch whose losses do not move W (all gradient norms 0) leaves λ as it was"
+    g = GradNorm(.5, shared=nn.Linear(2, 2))
+    g.setup(1)
+    g.lam.copy_(torch.tensor([.8, 1.2]))
+    g.step([torch.tensor(1.), torch.tensor(2.)], torch.zeros(2), torch.tensor([.5, .5]))
+    torch.testing.assert_close(g.lam, torch.tensor([.8, 1.2]))
+    assert torch.isfinite(g.lam).all()
+
+
 def test_gradnorm_in_the_callback():
     "Weights in the columns sum to 1; λ steps in training only, is no optimizer parameter, and saves with the callback"
     dls, teacher, student = toy_dls(), mlp(), mlp()
