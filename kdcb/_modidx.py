@@ -44,6 +44,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'kdcb/callback.py'),
                                'kdcb.callback.LossColumns': ('callback.html#losscolumns', 'kdcb/callback.py'),
                                'kdcb.callback.LossColumns.__init__': ('callback.html#losscolumns.__init__', 'kdcb/callback.py'),
+                               'kdcb.callback.LossColumns._check_finite': ('callback.html#losscolumns._check_finite', 'kdcb/callback.py'),
                                'kdcb.callback.LossColumns.accumulate': ('callback.html#losscolumns.accumulate', 'kdcb/callback.py'),
                                'kdcb.callback.LossColumns.after_fit': ('callback.html#losscolumns.after_fit', 'kdcb/callback.py'),
                                'kdcb.callback.LossColumns.after_validate': ('callback.html#losscolumns.after_validate', 'kdcb/callback.py'),

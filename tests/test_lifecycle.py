@@ -154,6 +154,36 @@ def test_custom_losses_that_cannot_teach_are_named(dls, bad, msg):
         quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
 
 
+def test_losses_that_return_nan_are_named(dls):
+    "NaN or inf from a loss is named: on the first batch of a fit, or at the end of the epoch where it appears; never per batch"
+    def nan_from_start(pred, teacher_pred): return (pred - teacher_pred).pow(2).mean() * float('nan')
+    kd = KnowledgeDistillationCallback(mlp(h=32), ['soft_target', nan_from_start])
+    student = mlp()
+    with pytest.raises(FloatingPointError, match=r"'nan_from_start' is not finite on the first training batch"):
+        quiet_fit(Learner(dls, student, loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
+    assert n_hooks(student) == 0 and kd.teacher.model.training # nothing left behind
+    calls = []
+    def nan_later(pred, teacher_pred): # finite on the first batches, inf from the second epoch on
+        calls.append(1)
+        return (pred - teacher_pred).pow(2).mean() * (float('inf') if len(calls) > len(dls.train) else 1.)
+    kd = KnowledgeDistillationCallback(mlp(h=32), nan_later, weight=0.1)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
+    with pytest.raises(FloatingPointError, match=r"'nan_later' (is|are) not finite in epoch 1"):
+        quiet_fit(learn, 3, cbs=kd)
+    assert len(learn.recorder.values) == 1 # the first epoch finished and was logged
+
+
+def test_lr_find_is_not_stopped_by_a_diverging_loss(dls):
+    "lr_find diverges on purpose and stops itself at the first loss that is not finite: the checks do not get in its way"
+    calls = []
+    def blows_up(pred, teacher_pred): # inf after 30 steps, at high learning rates
+        calls.append(1)
+        return (pred - teacher_pred).pow(2).mean() * (float('inf') if len(calls) > 30 else 1.)
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillationCallback(mlp(h=32), blows_up, weight=.1))
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(show_plot=False) # fastai's own NaN stop ends it, no FloatingPointError
+    assert len(calls) > 30
+
+
 class RNN(nn.Module):
     def __init__(self, h): super().__init__(); self.rnn, self.head = nn.LSTM(1, h, batch_first=True), nn.Linear(h, 3)
     def forward(self, x): out, _ = self.rnn(x[..., None]); return self.head(out[:, -1])
