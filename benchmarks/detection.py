@@ -1,6 +1,6 @@
 """Detection distillation end to end: `DetectionHeadKD` and `ImportanceFeatureKD` on a tiny one-stage detector.
 
-Run: python benchmarks/detection.py                      # 3 paired seeds, the default rows: a few minutes on one CPU thread
+Run: python benchmarks/detection.py                      # 3 paired seeds, the default rows: about 8 minutes on one CPU thread
      python benchmarks/detection.py --seeds 5 --epochs 80 --labelled 500
      python benchmarks/detection.py --rows scratch,head  # some of the rows only
 
@@ -18,13 +18,20 @@ channel 0 the class of each cell (10 = background, `UNLABELLED` on every cell of
 
 Teacher: backbone 16-32-64 (two convs per stage), trained on --n-teacher canvases. Student: 8-16-32 (one conv per
 stage), trained on the first --labelled of them. Seed `s` gives every row the same initial student and batch order.
-Rows:
-  scratch      the labels alone
-  head         + `DetectionHeadKD` on the hooked head output ('head' of both models)
-  head+feat    + `ImportanceFeatureKD` on the backbone stages `match_feature_layers` pairs (through 1×1 connectors),
-               each pair its own loss (`PerPair`)
-  head+u       `DetectionHeadKD`, the teacher's other canvases added without labels (same number of optimizer steps)
-  head+feat+u  both, with the unlabelled canvases
+Rows (distillation weight 0.5, the task loss 0.5; 0.9 and 0.1 in the +u rows):
+  scratch        the labels alone
+  head:defaults  + `DetectionHeadKD(10)` at its defaults (T = 1, fg_threshold = 0.5, cls_weight = 1) on the hooked head
+                 output ('head' of both models)
+  head           the same with T = 2, fg_threshold = 0.3, cls_weight = 50 (chosen in a short probe on seed 0): its class
+                 term is a mean over all 8·8·10 cell-class entries, mostly background, so at cls_weight 1 it is about a
+                 hundredth of the task loss, which is normalised by the number of objects; and a teacher trained with
+                 focal loss gives many objects a top probability under 0.5 (the script prints how many)
+  head+feat      + `ImportanceFeatureKD` on the three backbone stages (32×32, 16×16, 8×8) that `match_feature_layers`
+                 pairs on the models without their head (on the whole models it pairs the head at 8×8, the last map
+                 there), through 1×1 connectors, each pair its own loss (`PerPair`)
+  head+u         `head`, with the teacher's other canvases added without labels (about as many optimizer steps: the
+                 epochs scaled by labelled / all canvases)
+  head+feat+u    both, with the unlabelled canvases
 Metric: AP@0.5 on the validation canvases. Decoding keeps, per image, the cells that are the maximum of their 3×3
 neighbourhood for their class (CenterNet's peak rule), scored by their class probability, at most 10 per image, score
 ≥ 0.05. All detections of the set are ranked by score; one is a hit when its class is right and its box overlaps a
@@ -56,6 +63,7 @@ from kdcb.unlabelled import UNLABELLED
 K, CANVAS, STRIDE = 10, 32, 4 # classes, canvas side, pixels per grid cell
 GRID = CANVAS // STRIDE
 BG = K # class value of background cells
+ROWS = ('scratch', 'head:defaults', 'head', 'head+feat', 'head+u', 'head+feat+u')
 SIZES = (8, 12, 16) # a digit's side on the canvas, in pixels
 
 # ---- data ----
@@ -202,20 +210,24 @@ def kd_callback(teacher:nn.Module, # the trained detector
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--epochs', type=int, default=40, help="student epochs over its labelled canvases")
+    p.add_argument('--epochs', type=int, default=100, help="student epochs over its labelled canvases")
     p.add_argument('--teacher-epochs', type=int, default=15)
     p.add_argument('--labelled', type=int, default=300, help="canvases the student has labels for")
     p.add_argument('--n-teacher', type=int, default=3000, help="canvases the teacher is trained on (the first --labelled included)")
     p.add_argument('--n-valid', type=int, default=500)
     p.add_argument('--weight', type=float, default=0.5, help="distillation weight (the task loss gets 1 - weight)")
-    p.add_argument('--T', type=float, default=1.)
-    p.add_argument('--cls-weight', type=float, default=1., help="DetectionHeadKD's cls_weight")
-    p.add_argument('--fg', type=float, default=0.5, help="DetectionHeadKD's fg_threshold")
+    p.add_argument('--u-weight', type=float, default=0.9, help="distillation weight of the +u rows")
+    p.add_argument('--T', type=float, default=2.)
+    p.add_argument('--cls-weight', type=float, default=50., help="DetectionHeadKD's cls_weight")
+    p.add_argument('--fg', type=float, default=0.3, help="DetectionHeadKD's fg_threshold")
     p.add_argument('--lr', type=float, default=1e-2)
     p.add_argument('--bs', type=int, default=32)
-    p.add_argument('--rows', default='scratch,head,head+feat,head+u,head+feat+u')
+    p.add_argument('--rows', default=','.join(ROWS))
     p.add_argument('--threads', type=int, default=1)
     a = p.parse_args()
+    rows = a.rows.split(',')
+    bad = set(rows) - set(ROWS)
+    if bad: raise SystemExit(f"unknown rows {sorted(bad)}; choose among {', '.join(ROWS)}")
     torch.set_num_threads(a.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, fastai {fastai.__version__}, "
           f"scikit-learn {sklearn.__version__}, {platform.machine()}, {a.threads} torch thread(s)")
@@ -234,8 +246,9 @@ def main():
         pmax = torch.sigmoid(teacher.eval()(xv[:256])[:, 4:]).amax(1)
         pos = yv[:256, 0] != BG
     print(f"teacher: AP@0.5 {t_ap:.1f} on {a.n_valid} validation canvases, {sum(p.numel() for p in teacher.parameters()):,} params, "
-          f"{a.n_teacher} canvases x {a.teacher_epochs} epochs, {t_time:.0f} s; its highest class probability is >= {a.fg} "
-          f"at {100 * (pmax[pos] >= a.fg).float().mean():.0f}% of object cells and {100 * (pmax[~pos] >= a.fg).float().mean():.1f}% of background cells")
+          f"{a.n_teacher} canvases x {a.teacher_epochs} epochs, {t_time:.0f} s; its highest class probability is "
+          + '; '.join(f">= {f} at {100 * (pmax[pos] >= f).float().mean():.0f}% of object cells and {100 * (pmax[~pos] >= f).float().mean():.1f}% "
+                      "of background cells" for f in sorted({0.5, a.fg})))
 
     n = a.labelled
     xl, yl = xt[:n], yt[:n]
@@ -249,16 +262,14 @@ def main():
     pairs = backbone_pairs(probe, teacher, xv[:2])
     print('ImportanceFeatureKD on the backbone pairs (match_feature_layers):\n' + repr(pairs))
 
-    rows = a.rows.split(',')
-    bad = set(rows) - {'scratch', 'head', 'head+feat', 'head+u', 'head+feat+u'}
-    if bad: raise SystemExit(f"unknown rows {sorted(bad)}; choose among scratch, head, head+feat, head+u, head+feat+u")
     res, secs = {r: [] for r in rows}, {r: [] for r in rows}
     for s in range(a.seeds):
         for r in rows:
             set_seed(s); student = detector()
             u = r.endswith('+u')
             dls = tensor_dls(xlu, ylu, xv, yv, a.bs) if u else tensor_dls(xl, yl, xv, yv, a.bs)
-            cbs = None if r == 'scratch' else kd_callback(teacher, pairs if 'feat' in r else None, head_kd, a.weight)
+            hk = (lambda: DetectionHeadKD(K)) if r == 'head:defaults' else head_kd
+            cbs = None if r == 'scratch' else kd_callback(teacher, pairs if 'feat' in r else None, hk, a.u_weight if u else a.weight)
             set_seed(s); t0 = time.perf_counter()
             fit(student, dls, u_epochs if u else a.epochs, a.lr, cbs)
             secs[r].append(time.perf_counter() - t0); res[r].append(evaluate(student, xv, bv))
@@ -267,7 +278,7 @@ def main():
     sd = lambda l: statistics.stdev(l) if len(l) > 1 else 0.
     n_s = sum(p.numel() for p in detector().parameters())
     print(f"\nstudent ({n_s:,} params) with labels for {n} canvases, {a.epochs} epochs (+u rows: {len(xlu)} canvases x {u_epochs} "
-          f"epochs), DetectionHeadKD(T={a.T}, fg_threshold={a.fg}, cls_weight={a.cls_weight}), weight {a.weight}; "
+          f"epochs), DetectionHeadKD(T={a.T}, fg_threshold={a.fg}, cls_weight={a.cls_weight}), weight {a.weight} (+u rows {a.u_weight}); "
           f"teacher AP {t_ap:.1f}; seeds 0-{a.seeds - 1}\n")
     print('| student | AP@0.5 (%) | vs scratch | s / run |\n|---|---|---|---|')
     base = res.get('scratch')
