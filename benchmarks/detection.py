@@ -1,6 +1,6 @@
 """Detection distillation end to end: `DetectionHeadKD` and `ImportanceFeatureKD` on a tiny one-stage detector.
 
-Run: python benchmarks/detection.py                      # 3 paired seeds, the default rows: about 8 minutes on one CPU thread
+Run: python benchmarks/detection.py                      # 3 paired seeds, the default rows: about 7 minutes on one CPU thread
      python benchmarks/detection.py --seeds 5 --epochs 80 --labelled 500
      python benchmarks/detection.py --rows scratch,head  # some of the rows only
 
