@@ -163,7 +163,6 @@ def detector(widths:tuple=(8, 16, 32), # channels of the stages at 32×32, 16×1
 
 class DetectionLoss(nn.Module):
     "Sigmoid focal loss over every cell and class / number of objects, + L1 on the positives' boxes; unlabelled canvases left out"
-    axis = 1 # where the classes are in the (B, 4 + K, H, W) output: the callback asks any 4-D output for it
     def __init__(self, alpha:float=0.25, gamma:float=2.): super().__init__(); self.alpha, self.gamma = alpha, gamma
     def forward(self, pred:Tensor, target:Tensor)->Tensor:
         keep = (target[:, 0] != UNLABELLED).flatten(1).all(1) # canvases with labels

@@ -159,7 +159,7 @@ class ColumnsCallback(Callback):
     def column_names(self)->list[str]: return self.columns.names # e.g. 'task_loss', then one per distillation loss
     def averages(self)->list: return self.columns.averages() # this epoch's training averages, in the order of `column_names`
 
-# %% ../nbs/05_callback.ipynb #332c988e
+# %% ../nbs/05_callback.ipynb #ff06d3cd
 def class_axis(loss_func, # the learner's task loss
                pred:Tensor, # the student's logits
               )->int: # where the classes are in `pred` (-1: last)
@@ -177,11 +177,12 @@ class OutputAlignment:
                  shift_labels:bool=False, # causal LMs with `labels = input_ids` (Hugging Face's convention): logit i is scored against target i+1
                  attention_mask:int|Callable|None=None, # the batch's (B, L) mask, 0 for padding: index into `xb`, or a function of `xb`
                  label_free:list[str]=(), # names of output losses that take no target (warned about if the target masks positions)
+                 classes:bool=True, # whether a loss compares the outputs over classes (else no class axis is needed, e.g. detection heads)
                 ): store_attr(); self.checked = False
 
     def __call__(self, learn:Learner, teacher_pred)->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and both raw outputs
         pred, tp = self.tensor(learn.pred, 'the student output'), self.tensor(teacher_pred, 'the teacher output')
-        axis = class_axis(learn.loss_func, pred)
+        axis = class_axis(learn.loss_func, pred) if self.classes else -1
         pred, tp = pred.movedim(axis, -1), tp.movedim(axis, -1) # output losses take the classes last
         target, am = plain(learn.yb[0]) if len(learn.yb) == 1 else learn.yb, self.mask(learn.xb)
         if self.shift_labels:
@@ -214,7 +215,7 @@ class OutputAlignment:
                           "for `LogitsDistillationLoss(temperature=...)`.")
         return True
 
-# %% ../nbs/05_callback.ipynb #7d5e8b82
+# %% ../nbs/05_callback.ipynb #a74ebf0d
 def _layer_names(student_layers, teacher_layers, activations_student, activations_teacher):
     "Validated (student, teacher) layer names: lists paired one to one, 'auto', or none"
     if activations_student is not None or activations_teacher is not None: # fasterai's names for the same arguments
@@ -308,7 +309,8 @@ class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         self.parts, self.on = TrainedParts(), False # the losses' own parameters (connectors, regressors, generators)
         self.align = OutputAlignment(output_fn, shift_labels, attention_mask,
-                                     [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources])
+                                     [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources],
+                                     any(t.sources & {'pred', 'teacher_pred'} for t in self.kd_loss.terms))
 
     @property
     def teacher(self)->TeacherSource|None: return self.__dict__.get('_teacher') # None after `load_learner`: nothing to distil

@@ -340,6 +340,11 @@ def test_segmentation_logits_take_the_class_axis_from_the_task_loss():
     learn = Learner(dls, Seg(4), loss_func=lambda p, t: F.cross_entropy(p, t))
     with pytest.raises(ValueError, match=r'say which axis holds the classes'):
         quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(teacher, 'soft_target'))
+    # feature losses alone (e.g. on a detector's head maps) compare no classes: 4-D outputs need no class axis then
+    learn = Learner(dls, Seg(4), loss_func=lambda p, t: F.cross_entropy(p, t))
+    kd = KnowledgeDistillationCallback(Seg(4), 'fit_net', ['net.0'], ['net.0'])
+    quiet_fit(learn, 1, cbs=kd)
+    assert kd.averages()[1] > 0
 
 
 def test_fasterai_attributes_and_helpers(dls):
