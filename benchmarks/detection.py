@@ -20,12 +20,13 @@ Teacher: backbone 16-32-64 (two convs per stage), trained on --n-teacher canvase
 stage), trained on the first --labelled of them. Seed `s` gives every row the same initial student and batch order.
 Rows (distillation weight 0.5, the task loss 0.5; 0.9 and 0.1 in the +u rows):
   scratch        the labels alone
-  head:defaults  + `DetectionHeadKD(10)` at its defaults (T = 1, fg_threshold = 0.5, cls_weight = 1) on the hooked head
-                 output ('head' of both models)
-  head           the same with T = 2, fg_threshold = 0.3, cls_weight = 50 (chosen in a short probe on seed 0): its class
-                 term is a mean over all 8·8·10 cell-class entries, mostly background, so at cls_weight 1 it is about a
-                 hundredth of the task loss, which is normalised by the number of objects; and a teacher trained with
-                 focal loss gives many objects a top probability under 0.5 (the script prints how many)
+  head:mean      + `DetectionHeadKD(10, cls_norm='mean')` on the hooked head output ('head' of both models): the class
+                 term a mean over all 8·8·10 cell-class entries, mostly background, so about a hundredth of the task
+                 loss, which is normalised by the number of objects
+  head           + `DetectionHeadKD(10)` at its defaults (T = 1, fg_threshold = 0.5, cls_weight = 1, cls_norm = 'fg': the
+                 class term summed and divided by the teacher's foreground positions, as the task loss is); --T, --fg,
+                 --cls-weight, --cls-norm change it (a teacher trained with focal loss gives some objects a top
+                 probability under 0.5: the script prints how many)
   head+feat      + `ImportanceFeatureKD` on the three backbone stages (32×32, 16×16, 8×8) that `match_feature_layers`
                  pairs on the models without their head (on the whole models it pairs the head at 8×8, the last map
                  there), through 1×1 connectors, each pair its own loss (`PerPair`)
@@ -63,7 +64,7 @@ from kdcb.unlabelled import UNLABELLED
 K, CANVAS, STRIDE = 10, 32, 4 # classes, canvas side, pixels per grid cell
 GRID = CANVAS // STRIDE
 BG = K # class value of background cells
-ROWS = ('scratch', 'head:defaults', 'head', 'head+feat', 'head+u', 'head+feat+u')
+ROWS = ('scratch', 'head:mean', 'head', 'head+feat', 'head+u', 'head+feat+u')
 SIZES = (8, 12, 16) # a digit's side on the canvas, in pixels
 
 # ---- data ----
@@ -216,9 +217,10 @@ def main():
     p.add_argument('--n-valid', type=int, default=500)
     p.add_argument('--weight', type=float, default=0.5, help="distillation weight (the task loss gets 1 - weight)")
     p.add_argument('--u-weight', type=float, default=0.9, help="distillation weight of the +u rows")
-    p.add_argument('--T', type=float, default=2.)
-    p.add_argument('--cls-weight', type=float, default=50., help="DetectionHeadKD's cls_weight")
-    p.add_argument('--fg', type=float, default=0.3, help="DetectionHeadKD's fg_threshold")
+    p.add_argument('--T', type=float, default=1., help="DetectionHeadKD's T")
+    p.add_argument('--cls-weight', type=float, default=1., help="DetectionHeadKD's cls_weight")
+    p.add_argument('--cls-norm', default='fg', choices=['mean', 'fg'], help="DetectionHeadKD's cls_norm")
+    p.add_argument('--fg', type=float, default=0.5, help="DetectionHeadKD's fg_threshold")
     p.add_argument('--lr', type=float, default=1e-2)
     p.add_argument('--bs', type=int, default=32)
     p.add_argument('--rows', default=','.join(ROWS))
@@ -255,7 +257,7 @@ def main():
     xlu, ylu = torch.cat([xl, xt[n:]]), torch.cat([yl, yu])
     u_epochs = max(1, round(a.epochs * n / len(xlu))) # about as many optimizer steps as the labelled-only rows
 
-    head_kd = lambda: DetectionHeadKD(K, T=a.T, fg_threshold=a.fg, cls_weight=a.cls_weight)
+    head_kd = lambda: DetectionHeadKD(K, T=a.T, fg_threshold=a.fg, cls_weight=a.cls_weight, cls_norm=a.cls_norm)
     set_seed(0)
     probe = detector()
     pairs = backbone_pairs(probe, teacher, xv[:2])
@@ -267,7 +269,7 @@ def main():
             set_seed(s); student = detector()
             u = r.endswith('+u')
             dls = tensor_dls(xlu, ylu, xv, yv, a.bs) if u else tensor_dls(xl, yl, xv, yv, a.bs)
-            hk = (lambda: DetectionHeadKD(K)) if r == 'head:defaults' else head_kd
+            hk = (lambda: DetectionHeadKD(K, cls_norm='mean')) if r == 'head:mean' else head_kd
             cbs = None if r == 'scratch' else kd_callback(teacher, pairs if 'feat' in r else None, hk, a.u_weight if u else a.weight)
             set_seed(s); t0 = time.perf_counter()
             fit(student, dls, u_epochs if u else a.epochs, a.lr, cbs)
@@ -277,7 +279,7 @@ def main():
     sd = lambda l: statistics.stdev(l) if len(l) > 1 else 0.
     n_s = sum(p.numel() for p in detector().parameters())
     print(f"\nstudent ({n_s:,} params) with labels for {n} canvases, {a.epochs} epochs (+u rows: {len(xlu)} canvases x {u_epochs} "
-          f"epochs), DetectionHeadKD(T={a.T}, fg_threshold={a.fg}, cls_weight={a.cls_weight}), weight {a.weight} (+u rows {a.u_weight}); "
+          f"epochs), DetectionHeadKD(T={a.T}, fg_threshold={a.fg}, cls_weight={a.cls_weight}, cls_norm={a.cls_norm!r}), weight {a.weight} (+u rows {a.u_weight}); "
           f"teacher AP {t_ap:.1f}; seeds 0-{a.seeds - 1}\n")
     print('| student | AP@0.5 (%) | vs scratch | s / run |\n|---|---|---|---|')
     base = res.get('scratch')

@@ -50,7 +50,7 @@ class SigmoidKD(ScheduledLoss):
         if keep is None: return kl.mean() * T**2
         return torch.where(keep, kl, 0.).sum() / keep.sum().clamp_min(1) * T**2
 
-# %% ../nbs/11_multilabel.ipynb #6264a8cb
+# %% ../nbs/11_multilabel.ipynb #a57cbf46
 @register_loss
 class DetectionHeadKD(ScheduledLoss):
     "Detection head: sigmoid KD on the class logits everywhere, smooth L1 on the boxes where the teacher sees an object"
@@ -61,8 +61,10 @@ class DetectionHeadKD(ScheduledLoss):
                  cls_weight:float|Callable=1., # weight of the classification term
                  box_weight:float|Callable=1., # weight of the box term
                  dim:int=1, # the dimension holding the 4 + K values (1 for (B, 4+K, N) or (B, 4+K, H, W) maps; -1 for (B, N, 4+K))
+                 cls_norm:str='fg', # the class term: summed and / foreground positions ('fg', as a detector's loss), or 'mean' over all
                 ):
         super().__init__(); store_attr(); check_positive('T', T)
+        if cls_norm not in ('mean', 'fg'): raise ValueError(f"cls_norm={cls_norm!r} is not one of 'mean', 'fg'.")
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
         if out_s.shape != out_t.shape or out_s.shape[self.dim] != 4 + self.num_classes: raise ValueError(
@@ -74,7 +76,8 @@ class DetectionHeadKD(ScheduledLoss):
         T = self.now(self.T)
         fg = torch.sigmoid(t[..., 4:]).amax(-1) >= self.fg_threshold # the teacher's (untempered) confidence
         box = torch.where(fg, box, 0.).sum() / fg.sum().clamp_min(1)
-        cls = binary_kl(s[..., 4:] / T, t[..., 4:] / T).mean() * T**2
+        cls = binary_kl(s[..., 4:] / T, t[..., 4:] / T) * T**2
+        cls = cls.mean() if self.cls_norm == 'mean' else cls.sum() / fg.sum().clamp_min(1) # 'fg': as a detector normalises its loss
         return self.now(self.cls_weight) * cls + self.now(self.box_weight) * box
 
 # %% ../nbs/11_multilabel.ipynb #33eda833

@@ -64,10 +64,15 @@ def test_detection_head_independent():
                 d = (s[b, n, :4] - t[b, n, :4]).abs()
                 box_terms.append(torch.where(d < .5, .5 * d**2 / .5, d - .25).mean())
     ref = 0.7 * torch.stack(cls_terms).mean() * 4 + 2. * torch.stack(box_terms).mean()
-    loss = DetectionHeadKD(K, T=2., fg_threshold=.3, beta=.5, cls_weight=.7, box_weight=2., dim=-1)
+    loss = DetectionHeadKD(K, T=2., fg_threshold=.3, beta=.5, cls_weight=.7, box_weight=2., dim=-1, cls_norm='mean')
     torch.testing.assert_close(loss(s, t), ref)
     x = s.clone().requires_grad_()
     assert gradcheck(lambda z: loss(z, t), (x,))
+    # the default 'fg': the class terms summed and divided by the number of foreground positions, as a detector's loss
+    fg_ref = 0.7 * torch.stack(cls_terms).sum() * 4 / len(box_terms) + 2. * torch.stack(box_terms).mean()
+    fg_loss = DetectionHeadKD(K, T=2., fg_threshold=.3, beta=.5, cls_weight=.7, box_weight=2., dim=-1)
+    torch.testing.assert_close(fg_loss(s, t), fg_ref)
+    assert gradcheck(lambda z: fg_loss(z, t), (x,))
 
 
 def test_detection_head_background_gets_no_box_gradient():
