@@ -16,7 +16,7 @@ on the first `--cost-seqs` training sequences and with untrained models (cost, n
 Then the peak resident memory of a fit per variant, each in a fresh subprocess, measured as `overhead.py` measures it on
 a CPU (`reset_peak_rss` / `peak_rss`: the kernel's VmHWM). About 3 minutes on one thread."""
 import argparse, importlib, inspect, json, math, os, platform, statistics, subprocess, sys, time
-import torch, torch.nn.functional as F
+import torch
 import fastai, transformers
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
@@ -57,9 +57,6 @@ def make_dls(x, valid, seed, bs=32):
     return DataLoaders(DataLoader(list(zip(x, x)), bs=bs, shuffle=True, drop_last=True), DataLoader(list(zip(valid, valid)), bs=128))
 
 
-def lm_loss(out, y): return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
-
-
 def gpt2(spec:str, vocab:int, L:int, seed:int):
     "A GPT-2 of `spec` = 'blocks x width' built from its config (no weights downloaded)"
     layers, width = map(int, spec.split('x'))
@@ -82,7 +79,7 @@ def perplexity(a):
     print(f'{n_chars:,} characters, vocabulary {vocab}, {len(train)} training / {len(valid)} validation sequences of {a.L}; '
           f'students on {n_s}')
     def fit(model, x, epochs, lr, cbs=(), seed=0):
-        learn = Learner(make_dls(x, valid, seed), model, loss_func=lm_loss, cbs=list(cbs))
+        learn = Learner(make_dls(x, valid, seed), model, loss_func=causal_lm_loss, cbs=list(cbs))
         t0 = time.perf_counter()
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
         secs = time.perf_counter() - t0
@@ -131,7 +128,7 @@ class Setup:
         "Training-phase (wall, CPU) times of epochs 2+ of one fit of `variant` ('teacher': inference alone, same batches)"
         dls = self.dls(seed)
         if variant == 'teacher': return self.teacher_times(dls)
-        learn = Learner(dls, self.student(seed), loss_func=lm_loss, cbs=TrainTimes())
+        learn = Learner(dls, self.student(seed), loss_func=causal_lm_loss, cbs=TrainTimes())
         with learn.no_bar(), learn.no_logging():
             learn.fit(self.a.cost_epochs, 1e-3, cbs=None if variant == 'scratch' else self.callback(variant))
         return learn.train_times.times[1:]
@@ -170,7 +167,7 @@ def fit_memory(a, variant):
     "Peak resident memory of one fit of `variant` in this (fresh) process: (RSS before the fit, peak) in MiB"
     su = Setup(a)
     dls = su.dls(0)
-    learn = Learner(dls, su.student(0), loss_func=lm_loss)
+    learn = Learner(dls, su.student(0), loss_func=causal_lm_loss)
     cb = None if variant in ('scratch', 'teacher') else su.callback(variant)
     before = reset_peak_rss()
     if variant == 'teacher': su.teacher_times(dls)

@@ -238,7 +238,7 @@ class UncertaintyBalance(Balancer):
         mixed = sum(p * (torch.exp(-si) * v + si) for p, si, v in zip(prior, s, [task, *values]))
         return mixed, torch.tensor(prior, device=s.device) * torch.exp(-s.detach())
 
-# %% ../nbs/04_distill.ipynb #4754f2c0
+# %% ../nbs/04_distill.ipynb #fc7718fc
 class GradNorm(Balancer):
     "Chen et al. 2018: weights stepped so that each weighted loss's gradient norm on shared parameters keeps its share"
     def __init__(self, weight:float|Callable|list=0.5, # the gradient share(s) of the distillation losses, as `DistillationLoss`'s `weight`
@@ -271,8 +271,9 @@ class GradNorm(Balancer):
             if l.requires_grad and all(gi is None for gi in g): raise ValueError(
                 f"GradNorm: {'the task loss' if k == 0 else f'distillation loss {k - 1}'} does not reach the `shared` parameters; "
                 "give parameters that every loss's gradient passes through (feature losses do not reach the classifier).")
-            out.append(torch.sqrt(sum(gi.float().pow(2).sum() for gi in g if gi is not None)) if l.requires_grad else torch.zeros(()))
-        return torch.stack(out).to(self.lam.device)
+            out.append(torch.sqrt(sum(gi.float().pow(2).sum() for gi in g if gi is not None)).to(self.lam.device) if l.requires_grad
+                       else self.lam.new_zeros(())) # on λ's device, also for a constant loss
+        return torch.stack(out)
 
     @torch.no_grad()
     def step(self, values:list[Tensor], # each loss's value, task first

@@ -11,6 +11,7 @@ from kdcb.distill import Connected
 from kdcb.losses import SoftTarget, HiddenStateCosine, FitNet
 from kdcb.match import depth_pairs
 from kdcb.teachers import FunctionTeacher
+from kdcb.responses import KeywordInputs
 from conftest import quiet_fit
 
 transformers = pytest.importorskip('transformers')
@@ -150,19 +151,13 @@ def test_bert_hidden_states_with_attention_mask(use_mask):
     assert (abs(losses[0] - losses[1]) < 1e-5) == use_mask, losses
 
 
-class Masked(nn.Module):
-    "A causal LM called with (input_ids, attention_mask): GPT-2's second positional argument is its cache, not the mask"
-    def __init__(self, lm): super().__init__(); self.lm = lm
-    def forward(self, ids, mask): return self.lm(input_ids=ids, attention_mask=mask)
-
-
 @pytest.mark.parametrize('how', ['regressor', 'connected', 'no mask'])
 def test_gpt2_fitnet_hidden_states_leave_padding_out(how):
     "FitNet on GPT-2 blocks of widths 32 and 128 paired by depth: other tokens under the padding (so other hidden states"
     " there) leave the distilled loss unchanged when the callback has the mask, and change it when it has not"
-    s, t = Masked(gpt2(2, 32, 0)), Masked(gpt2(4, 128, 1))
+    s, t = KeywordInputs(gpt2(2, 32, 0)), KeywordInputs(gpt2(4, 128, 1)) # GPT-2's second positional argument is its cache, not the mask
     pairs = depth_pairs(s, t, (torch.randint(0, V, (2, 10)), torch.ones(2, 10, dtype=torch.long)))
-    assert pairs['teacher'] == ['lm.transformer.h.1', 'lm.transformer.h.3']
+    assert pairs['teacher'] == ['model.transformer.h.1', 'model.transformer.h.3']
     loss = Connected(FitNet(tokens=True), pairs.connectors()) if how == 'connected' else FitNet(32, 128, tokens=True)
     kd = KnowledgeDistillationCallback(t, ['soft_target', loss], pairs['student'], pairs['teacher'], weight=[0.25, 0.25],
                                        shift_labels=True, distill_valid=True, attention_mask=None if how == 'no mask' else 1)
