@@ -124,11 +124,11 @@ def train(dls:DataLoaders, # training and validation data
           weight:float|list=0.5, # total distillation weight (split evenly between the losses), or one per loss
           aug:Callback|None=None, # batch augmentation, seen by the teacher and the student alike
           bar:bool=True, # show fastai's progress bars (never with `label`)
-          label:str|None=None, # print one line per epoch, starting with this, instead of progress bars
           student_layers:list[str]|None=None, # layers for feature losses; default: matched ('auto')
           teacher_layers:list[str]|None=None, # the teacher layers paired with `student_layers`
           seed:int|None=None, # seed the batch order and the augmentation (python, numpy and torch generators)
           loss_func:Callable|None=None, # the task loss (default `CrossEntropyLossFlat()`; `LabelledOnly()` with unlabelled items)
+          label:str|None=None, # print one line per epoch, starting with this, instead of progress bars
          )->EpochLog: # validation accuracy, steps and time of each epoch, distillation weight of each batch
     "Train `model` with fastai's `fit_one_cycle`, from the labels alone or distilling `teacher` with `losses`"
     if seed is not None:
@@ -196,7 +196,7 @@ def plot_change(rows:list[dict], # rows from `summarise`, with their logs; the t
         finals.append(float(m[-1] - s[-1]))
     lo, hi = ax.get_ylim()
     ax.set_ylim(max(lo, min(finals + [0]) - 12), hi) # the first epochs of every run start far below: show the end
-    ax.set(xlabel='optimizer steps', ylabel='points of validation accuracy',
+    ax.set(xlabel='optimizer steps', ylabel='change in validation accuracy (points)',
            title=f"MNIST-1D: change against scratch's final {base.mean():.1f}% (mean ± std over {len(base)} seeds)")
     ax.legend(loc='lower right'); ax.grid(alpha=.3)
     fig.tight_layout(); fig.savefig(fname, dpi=100)
@@ -218,7 +218,7 @@ def get_parser()->argparse.ArgumentParser:
     p.add_argument('--labelled', type=int, default=None, help="signals the students have labels for: the first LABELLED (default 300)")
     p.add_argument('--same-data', action='store_true', help="students get the labels of all N_TRAIN signals, as the teacher "
                    f"(no unlabelled inputs); then --losses defaults to {DEFAULT_LOSSES} and --weight to 0.5")
-    p.add_argument('--epochs', type=int, default=20, help=f'epochs of the students, each N_TRAIN signals (scratch: the labelled ones repeated) in batches of {BS} (default 20)')
+    p.add_argument('--epochs', type=int, default=15, help=f'epochs of the students, each N_TRAIN signals (scratch: the labelled ones repeated) in batches of {BS} (default 15)')
     p.add_argument('--long', type=int, default=4, help='the second scratch row trains for LONG times the epochs (default 4; 1 leaves the row out)')
     p.add_argument('--teacher-epochs', type=int, default=10, help='epochs of the teacher (default 10)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per student (default 3)')
