@@ -218,7 +218,7 @@ def get_parser()->argparse.ArgumentParser:
     p.add_argument('--labelled', type=int, default=None, help="signals the students have labels for: the first LABELLED (default 300)")
     p.add_argument('--same-data', action='store_true', help="students get the labels of all N_TRAIN signals, as the teacher "
                    f"(no unlabelled inputs); then --losses defaults to {DEFAULT_LOSSES} and --weight to 0.5")
-    p.add_argument('--epochs', type=int, default=15, help=f'epochs of the students, each N_TRAIN signals (scratch: the labelled ones repeated) in batches of {BS} (default 15)')
+    p.add_argument('--epochs', type=int, default=12, help=f'epochs of the students, each N_TRAIN signals (scratch: the labelled ones repeated) in batches of {BS} (default 12)')
     p.add_argument('--long', type=int, default=4, help='the second scratch row trains for LONG times the epochs (default 4; 1 leaves the row out)')
     p.add_argument('--teacher-epochs', type=int, default=10, help='epochs of the teacher (default 10)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per student (default 3)')
@@ -272,7 +272,8 @@ def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.a
     print(f"MNIST-1D, built locally: {N:,} training and {len(xv):,} validation signals; every batch randomly shifted and noised, "
           f"the same view for teacher and student.\nTeacher: cnn1d({TEACHER_WIDTH}), {n_params(cnn1d(TEACHER_WIDTH)):,} parameters, "
           f"all {N:,} signals labelled, {a.teacher_epochs} epochs.\nStudents: cnn1d({STUDENT_WIDTH}), {params:,} parameters, labels for "
-          f"{n:,} signals, seeds {seeds[0]}-{seeds[-1]}; scratch {a.epochs} and {a.long * a.epochs} epochs, distilled {a.epochs} "
+          f"{n:,} signals, seed{f's {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else f' {seeds[0]}'}; scratch {a.epochs}"
+          f"{f' and {a.long * a.epochs}' if a.long > 1 else ''} epochs, distilled {a.epochs} "
           f"epochs from {distilled}, T={a.temperature:g}, weight {a.weight:g}.", flush=True)
     def fit(name, seed, dls, epochs, model, **kw):
         if not lines: print(f"{name}, seed {seed}", flush=True) # the bars do not say which run they show
