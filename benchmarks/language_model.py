@@ -1,11 +1,19 @@
-"""Perplexity of a small character-level GPT-2 trained from scratch and distilled from a larger one, on text made offline
-from the docstrings of Python's standard library (no download; models built from `transformers` configs).
+"""Small character-level GPT-2 students trained from scratch and distilled from a larger one, method by method, on text made
+offline from the docstrings of Python's standard library (no download; models built from `transformers` configs).
 
-Run: python benchmarks/language_model.py [--teacher 4x128] [--teacher-epochs 6] [--student 2x32] [--epochs 6]
-                                         [--student-frac 1.0] [--seeds 0,1] [--T 2] [--weight 0.5]
-The teacher trains once on the training text; each seed trains the student from scratch and with `SoftTarget` (per-token
-KL, `shift_labels=True`), same initialisation and batch order. Prints the environment, a markdown table of validation
-perplexities and training times, and the distilled / scratch time ratio. About 10 minutes on one thread.
+Run: python benchmarks/language_model.py [--quick] [--methods scratch,forward_kl,...] [--seeds 0,1,2] [--teacher 4x128]
+         [--teacher-epochs 6] [--student 2x32] [--epochs 6] [--student-seqs N] [--T 2] [--weight 0.5] [--prompt 16]
+The teacher trains once; for each seed, each method trains a student from the same initialisation in the same batch order:
+  scratch; forward_kl (`soft_target`), reverse_kl, jsd (beta 0.5), skew_kl (alpha 0.1): the distillation callback with that
+  registered loss, `shift_labels=True`; onpolicy_forward_kl, onpolicy_jsd (λ = 0.5) and onpolicy_reverse_kl (λ = 1): the same
+  with `OnPolicy`, the student continuing the first `--prompt` characters of each sequence (sampled at temperature 1);
+  sequence_level: the student trained on the teacher's greedy continuations of the same prompts (`generate_responses`).
+Losses are looked up by registered name at run time: a method whose loss is not registered is skipped, with a message.
+It prints, per method, the validation perplexity per seed and its median, the teacher's per-token negative log-likelihood of
+the student's own sampled continuations of validation prompts (what on-policy training targets), the training epoch's process
+CPU time against (scratch epoch + the teacher's inference over the same batches), and the fit's memory (peak RSS minus the
+RSS at its start, in this process, with large freed blocks returned to the kernel). `--quick`: small models and data, a few
+minutes on one CPU thread; the defaults take much longer.
 
 Cost and memory: python benchmarks/language_model.py --cost [--repeats 5] [--cost-seqs 480] [--cost-epochs 2]
 In one process, per repeat and in a rotating order, it times a training epoch of the student from scratch, the teacher's
@@ -299,7 +307,7 @@ QUICK = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, train_s
              eval_prompts=32, seeds='0,1,2')
 
 
-def main():
+def arguments(argv:list|None=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--teacher', default='4x128'); p.add_argument('--teacher-epochs', type=int, default=6)
     p.add_argument('--student', default='2x32'); p.add_argument('--epochs', type=int, default=6)
@@ -316,8 +324,13 @@ def main():
     p.add_argument('--repeats', type=int, default=5); p.add_argument('--cost-seqs', type=int, default=480)
     p.add_argument('--cost-epochs', type=int, default=2, help='epochs per cost fit; the first is not timed')
     p.add_argument('--mem-child', help=argparse.SUPPRESS)
-    if '--quick' in sys.argv: p.set_defaults(**QUICK) # options given explicitly still win
-    a = p.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    if '--quick' in argv: p.set_defaults(**QUICK) # options given explicitly still win
+    return p.parse_args(argv)
+
+
+def main():
+    a = arguments()
     if not a.cost and not a.mem_child and os.environ.get('MALLOC_MMAP_THRESHOLD_') is None: # fit memory measured in this process:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV}) # large freed blocks go back to the kernel
     torch.set_num_threads(1); transformers.logging.set_verbosity_error()

@@ -208,6 +208,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                          'kdcb.lm.OnPolicy.after_loss': ('lm.html#onpolicy.after_loss', 'kdcb/lm.py'),
                          'kdcb.lm.OnPolicy.before_batch': ('lm.html#onpolicy.before_batch', 'kdcb/lm.py'),
                          'kdcb.lm.OnPolicy.before_fit': ('lm.html#onpolicy.before_fit', 'kdcb/lm.py'),
+                         'kdcb.lm.OnPolicy.before_train': ('lm.html#onpolicy.before_train', 'kdcb/lm.py'),
                          'kdcb.lm.OnPolicy.prompt_lengths': ('lm.html#onpolicy.prompt_lengths', 'kdcb/lm.py'),
                          'kdcb.lm.OnPolicy.prompts': ('lm.html#onpolicy.prompts', 'kdcb/lm.py'),
                          'kdcb.lm.Responses': ('lm.html#responses', 'kdcb/lm.py'),

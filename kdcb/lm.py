@@ -262,9 +262,13 @@ class OnPolicy(Callback):
         if prompt is not None and not callable(prompt): _check_count('prompt', prompt, 'the number of tokens that form the prompt')
         for name, v in (('pad_token_id', pad_token_id), ('eos_token_id', eos_token_id)): _token_id(None, name, v) # checked now
         store_attr('lmbda,max_new_tokens,prompt,seed,do_sample,pad_token_id,eos_token_id')
-        self.generate_kwargs, self.generated, self.batches, self.on = generate_kwargs, 0, 0, False
+        self.generate_kwargs, self.generated, self.batches, self.on, self.starting = generate_kwargs, 0, 0, False, False
 
-    def before_fit(self):
+    def before_fit(self): self.starting = True # `validate` and `get_preds` fire `before_fit` too: the set-up waits for training
+
+    def before_train(self): # at the fit's first training phase: checks, token ids, and the draws restarted from `seed`
+        if not self.starting: return
+        self.starting = False
         _check_distiller(self.learn)
         _, module = _generator(self.learn.model)
         self.pad, self.eos = (_token_id(module, n, v) for n, v in (('pad_token_id', self.pad_token_id), ('eos_token_id', self.eos_token_id)))

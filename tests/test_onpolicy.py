@@ -269,3 +269,17 @@ def test_bad_settings_are_refused_with_the_fix():
                     (dict(max_new_tokens=0), 'max_new_tokens=0 must be a positive integer'), (dict(prompt=0), 'prompt=0 must be a positive'),
                     (dict(pad_token_id=-1), 'pad_token_id=-1 must be a token id'), (dict(eos_token_id=[0, 'x']), "eos_token_id=\\[0, 'x'\\]")]:
         with pytest.raises(ValueError, match=msg): OnPolicy(**kw)
+
+
+def test_validate_leaves_the_fit_state_alone():
+    "`validate` fires `before_fit`: it neither resets the counts nor restarts the draws, and never generates"
+    learn, t = learner('gpt2'), lm('gpt2', 2, 32, 0)
+    op = OnPolicy(lmbda=0.5, max_new_tokens=2, pad_token_id=EOS, seed=3)
+    learn.add_cbs([distiller(t), op])
+    fit(learn, n=2)
+    counts = (op.generated, op.batches)
+    with learn.no_bar(): learn.validate(); learn.validate()
+    assert (op.generated, op.batches) == counts and counts[1] == 6
+    state = op.rng.get_state()
+    with learn.no_bar(): learn.validate()
+    assert torch.equal(op.rng.get_state(), state)
