@@ -1,11 +1,19 @@
-"""Perplexity of a small character-level GPT-2 trained from scratch and distilled from a larger one, on text made offline
-from the docstrings of Python's standard library (no download; models built from `transformers` configs).
+"""Small character-level GPT-2 students trained from scratch and distilled from a larger one, method by method, on text made
+offline from the docstrings of Python's standard library (no download; models built from `transformers` configs).
 
-Run: python benchmarks/language_model.py [--teacher 4x128] [--teacher-epochs 6] [--student 2x32] [--epochs 6]
-                                         [--student-frac 1.0] [--seeds 0,1] [--T 2] [--weight 0.5]
-The teacher trains once on the training text; each seed trains the student from scratch and with `SoftTarget` (per-token
-KL, `shift_labels=True`), same initialisation and batch order. Prints the environment, a markdown table of validation
-perplexities and training times, and the distilled / scratch time ratio. About 10 minutes on one thread.
+Run: python benchmarks/language_model.py [--quick] [--methods scratch,forward_kl,...] [--seeds 0,1,2] [--teacher 4x128]
+         [--teacher-epochs 6] [--student 2x32] [--epochs 6] [--student-seqs N] [--T 2] [--weight 0.5] [--prompt 16]
+The teacher trains once; for each seed, each method trains a student from the same initialisation in the same batch order:
+  scratch; forward_kl (`soft_target`), reverse_kl, jsd (beta 0.5), skew_kl (alpha 0.1): the distillation callback with that
+  registered loss, `shift_labels=True`; onpolicy_forward_kl, onpolicy_jsd (λ = 0.5) and onpolicy_reverse_kl (λ = 1): the same
+  with `OnPolicy`, the student continuing the first `--prompt` characters of each sequence (sampled at temperature 1);
+  sequence_level: the student trained on the teacher's greedy continuations of the same prompts (`generate_responses`).
+Losses are looked up by registered name at run time: a method whose loss is not registered is skipped, with a message.
+It prints, per method, the validation perplexity per seed and its median, the teacher's per-token negative log-likelihood of
+the student's own sampled continuations of validation prompts (what on-policy training targets), the training epoch's process
+CPU time against (scratch epoch + the teacher's inference over the same batches), and the fit's memory (peak RSS minus the
+RSS at its start, in this process, with large freed blocks returned to the kernel). `--quick`: small models and data, a few
+minutes on one CPU thread; the defaults take much longer.
 
 Cost and memory: python benchmarks/language_model.py --cost [--repeats 5] [--cost-seqs 480] [--cost-epochs 2]
 In one process, per repeat and in a rotating order, it times a training epoch of the student from scratch, the teacher's
@@ -25,6 +33,7 @@ import fastai.callback.schedule
 from fastai.torch_core import set_seed
 from transformers import GPT2Config, GPT2LMHeadModel
 from kdcb.all import *
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import MALLOC_ENV, TrainTimes, clock, peak_rss, reset_peak_rss, since
 
 MODS = ['collections', 'itertools', 'functools', 'json', 're', 'string', 'textwrap', 'argparse', 'pathlib', 'datetime',
@@ -73,33 +82,134 @@ def environment():
           f'transformers {transformers.__version__}, {platform.processor() or platform.machine()}, 1 thread')
 
 
-def perplexity(a):
-    train, valid, vocab, n_chars = corpus(a.L)
-    n_s = int(len(train) * a.student_frac)
-    print(f'{n_chars:,} characters, vocabulary {vocab}, {len(train)} training / {len(valid)} validation sequences of {a.L}; '
-          f'students on {n_s}')
-    def fit(model, x, epochs, lr, cbs=(), seed=0):
-        learn = Learner(make_dls(x, valid, seed), model, loss_func=causal_lm_loss, cbs=list(cbs))
-        t0 = time.perf_counter()
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-        secs = time.perf_counter() - t0
-        with learn.no_bar(): return math.exp(learn.validate()[0]), secs
+class Method:
+    "One way to train the student: a registered loss (with its settings), on-policy share λ, or sequence-level data"
+    def __init__(self, name, loss=None, kw=None, lmbda=None, seq=False): self.name, self.loss, self.kw, self.lmbda, self.seq = name, loss, kw or {}, lmbda, seq
+    def __repr__(self): return self.name
 
-    teacher = gpt2(a.teacher, vocab, a.L, 0)
-    ppl_t, secs_t = fit(teacher, train, a.teacher_epochs, 3e-3)
-    print(f'teacher {a.teacher} ({n_par(teacher):,} parameters, {a.teacher_epochs} epochs, {secs_t:.0f} s): perplexity {ppl_t:.2f}')
-    print(f'\nstudent {a.student} ({n_par(gpt2(a.student, vocab, a.L, 0)):,} parameters), {a.epochs} epochs, SoftTarget T={a.T:g} weight {a.weight:g}\n')
-    print('| seed | scratch | distilled | change | scratch s | distilled s |\n|---|---|---|---|---|---|')
-    rows = []
-    for seed in map(int, a.seeds.split(',')):
-        s, ts = fit(gpt2(a.student, vocab, a.L, seed), train[:n_s], a.epochs, 1e-2, seed=seed)
-        kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=a.T), weight=a.weight, shift_labels=True)
-        d, td = fit(gpt2(a.student, vocab, a.L, seed), train[:n_s], a.epochs, 1e-2, [kd], seed=seed)
-        rows.append((s, d, ts, td))
-        print(f'| {seed} | {s:.2f} | {d:.2f} | {d - s:+.2f} | {ts:.0f} | {td:.0f} |', flush=True)
-    med = lambda i: statistics.median(r[i] for r in rows)
-    print(f'\nmedian perplexity: scratch {med(0):.2f}, distilled {med(1):.2f}; teacher {ppl_t:.2f}. '
-          f'Distilled / scratch training time: {med(3) / med(2):.2f}')
+METHODS = [Method('scratch'), Method('forward_kl', 'soft_target'), Method('reverse_kl', 'reverse_kl'), Method('jsd', 'jsd', dict(beta=0.5)),
+           Method('skew_kl', 'skew_kl', dict(alpha=0.1)), Method('onpolicy_forward_kl', 'soft_target', lmbda=0.5),
+           Method('onpolicy_jsd', 'jsd', dict(beta=0.5), lmbda=0.5), Method('onpolicy_reverse_kl', 'reverse_kl', lmbda=1.),
+           Method('sequence_level', seq=True)]
+
+
+def make_loss(m:Method, T:float):
+    "The method's loss, looked up by its registered name (None when no loss of that name is registered yet)"
+    if m.loss not in available_losses(): return None
+    proto = get_loss(m.loss)
+    if not isinstance(proto, torch.nn.Module): return proto
+    cls = type(proto)
+    return cls(**m.kw, **({'T': T} if 'T' in inspect.signature(cls).parameters else {}))
+
+
+class Bench:
+    "Corpus, teacher and the measurements every method shares"
+    def __init__(self, a):
+        self.a = a
+        train, valid, self.vocab, self.n_chars = corpus(a.L)
+        self.train, self.valid = train[:a.train_seqs or len(train)], valid[:a.valid_seqs or len(valid)]
+        self.no_eos = self.vocab # an id no model writes: continuations run to their full length (text, not turns)
+        self.prompts = [v[:a.prompt] for v in self.valid[:a.eval_prompts]]
+
+    def dls(self, x, seed):
+        set_seed(seed) # torch, and Python's `random`, from which fastai's DataLoader draws its shuffling: same batch order per seed
+        dl = lambda d, bs, shuffle: DataLoader(d, bs=bs, shuffle=shuffle, drop_last=shuffle)
+        items = x if isinstance(x, Responses) else list(zip(x, torch.ones_like(x), x)) # (input_ids, attention_mask) -> labels
+        return DataLoaders(dl(items, 32, True), dl(list(zip(self.valid, torch.ones_like(self.valid), self.valid)), 128, False))
+
+    def model(self, spec, seed): return KeywordInputs(gpt2(spec, self.vocab, self.a.L, seed))
+
+    def fit(self, model, x, epochs, lr, cbs=(), seed=0):
+        "Train; returns the learner and its (wall, CPU) seconds per training epoch"
+        learn = Learner(self.dls(x, seed), model, loss_func=causal_lm_loss, cbs=TrainTimes())
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=list(cbs))
+        return learn, learn.train_times.times
+
+    def perplexity(self, learn):
+        with learn.no_bar(): return math.exp(learn.validate()[0])
+
+    def teacher_nll(self, student, seed):
+        "The teacher's per-token negative log-likelihood of the student's own sampled continuations of validation prompts"
+        torch.manual_seed(1000 + seed)
+        r = generate_responses(student, self.prompts, max_new_tokens=self.a.L - self.a.prompt, bs=64, pad_token_id=0,
+                               eos_token_id=self.no_eos, progress=False, do_sample=True, top_k=0)
+        self.teacher.eval()
+        with torch.no_grad(): return float(causal_lm_loss(self.teacher(r.input_ids, r.attention_mask), r.labels))
+
+    def teacher_epoch(self, seed):
+        "CPU seconds of the teacher's inference alone over one epoch of training batches (eval, no_grad)"
+        batches = list(self.dls(self.train[:self.a.student_seqs], seed).train)
+        self.teacher.eval(); t = clock()
+        with torch.no_grad():
+            for xb in batches: self.teacher(*xb[:2])
+        return since(t)[1]
+
+    def callbacks(self, m:Method, T:float)->list|None:
+        if m.loss is None: return []
+        loss = make_loss(m, T)
+        if loss is None: return None
+        kd = KnowledgeDistillationCallback(self.teacher, loss, weight=self.a.weight, shift_labels=True, attention_mask=1)
+        if m.lmbda is None: return [kd]
+        return [kd, OnPolicy(lmbda=m.lmbda, max_new_tokens=self.a.L - self.a.prompt, prompt=self.a.prompt, pad_token_id=0,
+                             eos_token_id=self.no_eos, top_k=0)]
+
+    def sequence_data(self):
+        "The teacher's greedy continuations of the students' training prompts (Kim & Rush), made once; CPU seconds"
+        t = clock()
+        r = generate_responses(self.teacher, [x[:self.a.prompt] for x in self.train[:self.a.student_seqs]], max_new_tokens=self.a.L - self.a.prompt,
+                               bs=64, pad_token_id=0, eos_token_id=self.no_eos, progress=False)
+        return r, since(t)[1]
+
+
+def methods(a):
+    b, wanted = Bench(a), [m for m in METHODS if m.name in a.methods.split(',')]
+    if unknown := set(a.methods.split(',')) - {m.name for m in METHODS}: raise SystemExit(f'unknown methods {sorted(unknown)}; known: {METHODS}')
+    print(f'{b.n_chars:,} characters, vocabulary {b.vocab}; teacher on {len(b.train)} training sequences of {a.L}, '
+          f'students on {min(a.student_seqs, len(b.train))}, {len(b.valid)} validation sequences; prompts of {a.prompt} characters')
+    b.teacher = b.model(a.teacher, 0)
+    learn_t, _ = b.fit(b.teacher, b.train, a.teacher_epochs, 3e-3)
+    b.teacher = learn_t.model
+    print(f'teacher {a.teacher} ({n_par(b.teacher):,} parameters, {a.teacher_epochs} epochs): perplexity {b.perplexity(learn_t):.2f}')
+    print(f'student {a.student} ({n_par(b.model(a.student, 0)):,} parameters), {a.epochs} epochs, T={a.T:g}, weight {a.weight:g}; '
+          f'on-policy: continuations of {a.L - a.prompt} characters sampled at temperature 1; seeds {a.seeds}\n')
+    seeds, res, skipped = list(map(int, a.seeds.split(','))), {}, []
+    seq_data = None
+    for m in wanted:
+        if m.loss is not None and m.loss not in available_losses():
+            skipped.append(m); print(f'skipped {m.name}: no loss {m.loss!r} is registered (available_losses())', flush=True); continue
+        rows = []
+        for seed in seeds:
+            x, extra = b.train[:a.student_seqs], 0.
+            if m.seq:
+                if seq_data is None: seq_data = b.sequence_data()
+                x, extra = seq_data
+            before = reset_peak_rss()
+            learn, times = b.fit(b.model(a.student, seed), x, a.epochs, 1e-2, b.callbacks(m, a.T), seed)
+            peak = peak_rss()
+            rows.append(dict(ppl=b.perplexity(learn), nll=b.teacher_nll(learn.model, seed), cpu=statistics.median(t[1] for t in times),
+                             mem=peak - before, gen=extra))
+        res[m.name] = rows
+        print(f'{m.name}: ' + ', '.join(f'seed {s}: ppl {r["ppl"]:.2f}, teacher NLL {r["nll"]:.3f}, epoch {r["cpu"]:.1f} s CPU'
+                                       for s, r in zip(seeds, rows)), flush=True)
+    t_inf = statistics.median(b.teacher_epoch(s) for s in seeds)
+    med = lambda name, k: statistics.median(r[k] for r in res[name])
+    sc = 'scratch' in res
+    print(f'\nValidation perplexity per seed ({" / ".join(map(str, seeds))}) and median; the teacher\'s per-token NLL of the '
+          f'student\'s own samples ({len(b.prompts)} validation prompts, {a.L - a.prompt} sampled characters each), median; '
+          f'training-epoch CPU time, median, against (scratch epoch + teacher inference epoch = '
+          f'{(med("scratch", "cpu") + t_inf) if sc else float("nan"):.1f} s); fit memory: peak RSS minus RSS at the fit\'s start, first seed\n')
+    print('| method | perplexity per seed | median | vs scratch | teacher NLL of own samples | epoch CPU s | cost ratio | fit MiB |')
+    print('|---|---|---|---|---|---|---|---|')
+    for name, rows in res.items():
+        ppl = med(name, 'ppl')
+        cost = '' if name == 'scratch' or not sc else f'{med(name, "cpu") / (med("scratch", "cpu") + t_inf):.2f}'
+        delta = f'{ppl - med("scratch", "ppl"):+.2f}' if sc and name != 'scratch' else ''
+        per_seed = ' / '.join(f"{r['ppl']:.2f}" for r in rows)
+        print(f'| {name} | {per_seed} | {ppl:.2f} | {delta} | {med(name, "nll"):.3f} | '
+              f'{med(name, "cpu"):.2f} | {cost} | {rows[0]["mem"]:.0f} |')
+    if 'sequence_level' in res: print(f'\nsequence_level: generating its data took {res["sequence_level"][0]["gen"]:.1f} s CPU once, not in its epochs.')
+    if skipped: print(f'skipped (their losses are not registered): {", ".join(m.name for m in skipped)}')
+    return res
 
 
 # ---- cost and memory ----
@@ -193,22 +303,40 @@ def memory(a):
               + (' |' if v in ('scratch', 'teacher') else f' {fit[v] / (fit["scratch"] + fit["teacher"]):.2f} |'))
 
 
-def main():
+QUICK = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, train_seqs=640, student_seqs=320, valid_seqs=64,
+             eval_prompts=32, seeds='0,1,2')
+
+
+def arguments(argv:list|None=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--teacher', default='4x128'); p.add_argument('--teacher-epochs', type=int, default=6)
     p.add_argument('--student', default='2x32'); p.add_argument('--epochs', type=int, default=6)
-    p.add_argument('--student-frac', type=float, default=1.0); p.add_argument('--seeds', default='0,1')
-    p.add_argument('--T', type=float, default=2.); p.add_argument('--weight', type=float, default=0.5)
+    p.add_argument('--train-seqs', type=int, default=0, help="the teacher's training sequences (0: all)")
+    p.add_argument('--student-seqs', type=int, default=100_000, help="the students' training sequences (the first ones)")
+    p.add_argument('--valid-seqs', type=int, default=0, help='validation sequences (0: all)')
+    p.add_argument('--seeds', default='0,1,2'); p.add_argument('--T', type=float, default=2.); p.add_argument('--weight', type=float, default=0.5)
     p.add_argument('--L', type=int, default=64)
+    p.add_argument('--prompt', type=int, default=16, help='characters of each sequence that prompt the generations')
+    p.add_argument('--eval-prompts', type=int, default=128, help="validation prompts the student continues for the teacher's NLL")
+    p.add_argument('--methods', default=','.join(m.name for m in METHODS))
+    p.add_argument('--quick', action='store_true', help='small models and data: ' + ', '.join(f'{k}={v}' for k, v in QUICK.items()))
     p.add_argument('--cost', action='store_true', help='time and memory of distillation instead of perplexity')
     p.add_argument('--repeats', type=int, default=5); p.add_argument('--cost-seqs', type=int, default=480)
     p.add_argument('--cost-epochs', type=int, default=2, help='epochs per cost fit; the first is not timed')
     p.add_argument('--mem-child', help=argparse.SUPPRESS)
-    a = p.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    if '--quick' in argv: p.set_defaults(**QUICK) # options given explicitly still win
+    return p.parse_args(argv)
+
+
+def main():
+    a = arguments()
+    if not a.cost and not a.mem_child and os.environ.get('MALLOC_MMAP_THRESHOLD_') is None: # fit memory measured in this process:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV}) # large freed blocks go back to the kernel
     torch.set_num_threads(1); transformers.logging.set_verbosity_error()
     if a.mem_child: print(json.dumps(fit_memory(a, a.mem_child))); return
     environment()
-    (cost if a.cost else perplexity)(a)
+    (cost if a.cost else methods)(a)
 
 
 if __name__ == '__main__': main()

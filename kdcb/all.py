@@ -16,7 +16,7 @@ from .unlabelled import *
 from .online import *
 from .contrastive import *
 from .multilabel import *
-from .responses import *
-from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel, responses
+from .lm import *
+from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel, lm
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
-           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *responses.__all__]
+           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *lm.__all__]

@@ -11,7 +11,7 @@ from kdcb.distill import Connected
 from kdcb.losses import SoftTarget, HiddenStateCosine, FitNet
 from kdcb.match import depth_pairs
 from kdcb.teachers import FunctionTeacher
-from kdcb.responses import KeywordInputs
+from kdcb.lm import KeywordInputs
 from conftest import quiet_fit
 
 transformers = pytest.importorskip('transformers')

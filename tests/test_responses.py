@@ -9,7 +9,7 @@ from fastai.learner import Learner
 import fastai.callback.progress  # Learner.no_bar
 from kdcb.callback import KnowledgeDistillationCallback
 from kdcb.losses import SoftTarget
-from kdcb.responses import (Responses, generate_responses, causal_lm_loss, KeywordInputs, TokenSoftTarget, distilbert_recipe,
+from kdcb.lm import (Responses, generate_responses, causal_lm_loss, KeywordInputs, TokenSoftTarget, distilbert_recipe,
                             as_prompts)
 from conftest import quiet_fit
 
@@ -136,6 +136,21 @@ def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match='encoder-decoder'): generate_responses(decoder_only_not, [[1, 2]], pad_token_id=0, progress=False)
     # a tokenizer's output, padded on the right: the padding is dropped from the prompts
     assert [p.tolist() for p in as_prompts({'input_ids': torch.tensor([[4, 5, 0], [6, 0, 0]]), 'attention_mask': torch.tensor([[1, 1, 0], [1, 0, 0]])})] == [[4, 5], [6]]
+
+
+@pytest.mark.parametrize('kw, msg', [(dict(bs=0), 'bs=0 must be a positive integer'), (dict(bs=2.0), 'bs=2.0 must be a positive integer'),
+                                     (dict(bs=True), 'bs=True must be a positive integer'),
+                                     (dict(max_new_tokens=-1), 'max_new_tokens=-1 must be a positive integer'),
+                                     (dict(pad_token_id=-1), 'pad_token_id=-1 must be a token id'),
+                                     (dict(pad_token_id=[0, 1]), r'pad_token_id=\[0, 1\] must be one token id'),
+                                     (dict(eos_token_id=1.5), 'eos_token_id=1.5 must be a token id'),
+                                     (dict(progress='no'), "progress='no' must be True or False")])
+def test_every_argument_is_checked_by_name(kw, msg):
+    "A bad value fails before any generation, with an error naming the argument (`bs=0` used to fail inside `range`)"
+    called = []
+    def gen(**k): called.append(k); raise AssertionError('generate must not run')
+    with pytest.raises((ValueError, TypeError), match=msg): generate_responses(gen, [[1, 2]], **{'pad_token_id': 0, **kw})
+    assert not called
 
 
 class Spy(Callback):
