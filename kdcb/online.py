@@ -54,6 +54,7 @@ class _EMAStep(Callback):
 # %% ../nbs/09_online.ipynb #0763c711
 class EMATeacher(TeacherSource):
     "Mean teacher (Tarvainen & Valpola 2017): an exponential moving average of the student's weights, updated after every optimizer step"
+    cacheable = False # its outputs change at every step: `CachedTeacher` refuses it
     def __init__(self, student:nn.Module|Learner, # the student whose weights are averaged (the learner's model)
                  decay:float=0.99, # weight of the average at each update: θ_t ← decay·θ_t + (1 − decay)·θ_s
                  warmup:bool=True, # use min(decay, (1 + n)/(10 + n)) at update n, so early updates follow the student quickly

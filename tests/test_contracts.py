@@ -135,3 +135,26 @@ def test_match_feature_layers_never_pairs_logits_returned_in_a_dict():
         def forward(self, ids): return {'logits': self.head(self.mix(self.emb(ids)))}
     p = match_feature_layers(LM(8), LM(16), torch.randint(0, 50, (2, 7)))
     assert p == {'student': ['mix'], 'teacher': ['mix']}
+
+
+# ---- cached teacher sources
+
+def test_cached_sources_take_a_model_and_refuse_what_they_cannot_cache(dls):
+    from kdcb.teachers import CachedTeacher, TopKCachedTeacher, FrozenTeacher
+    from kdcb.online import EMATeacher
+    from kdcb.callback import KnowledgeDistillationCallback
+    t = mlp()
+    src = TopKCachedTeacher(t, k=2) # a model is cached through its FrozenTeacher
+    assert isinstance(src.source, FrozenTeacher) and src.source.model is t
+    quiet_fit(learner(toy_dls(), mlp()), 1, cbs=KnowledgeDistillationCallback(src))
+    with pytest.raises(TypeError, match=r'TopKCachedTeacher\(FrozenTeacher\(model\)\)'): TopKCachedTeacher('gpt2')
+    with pytest.raises(ValueError, match='k=2.5 must be a positive'): TopKCachedTeacher(FrozenTeacher(t), k=2.5)
+    with pytest.raises(TypeError, match='floating-point torch dtype'): TopKCachedTeacher(FrozenTeacher(t), dtype=torch.int8)
+    with pytest.raises(ValueError, match='outputs change during training'): CachedTeacher(EMATeacher(mlp()))
+
+
+def test_topk_cache_refuses_logits_float16_cannot_hold():
+    from kdcb.teachers import topk_pack
+    with pytest.raises(ValueError, match=r'as large as 1e\+05 do not fit in torch.float16'): topk_pack(torch.tensor([[1e5, 0., 1.]]), 1)
+    v, i, fill = topk_pack(torch.tensor([[1e5, 0., 1.]]), 1, torch.float32)
+    assert v.item() == 1e5 and i.item() == 0
