@@ -62,6 +62,7 @@ class EMATeacher(TeacherSource):
         student = student.model if isinstance(student, Learner) else student
         if not isinstance(student, nn.Module): raise TypeError(f"EMATeacher averages an nn.Module (the student), got {type(student).__name__}.")
         if not 0 <= decay < 1: raise ValueError(f"decay={decay!r} must lie in [0, 1): the teacher's share of the average at every step.")
+        if not isinstance(warmup, bool): raise TypeError(f"warmup={warmup!r} must be True or False.")
         self.decay, self.warmup, self.n_updates, self.student = decay, warmup, 0, student
         self.model = copy.deepcopy(student).eval().requires_grad_(False) # the teacher: its own copy, never trained directly
         self._cb = self._snap = None
@@ -325,7 +326,8 @@ class Progressive:
     "A ready schedule of `pct_train` from `start` to `end`: linear, or constant over `stages` equal stages"
     def __init__(self, start:float, end:float, # values at the beginning and the end of training
                  stages:int|None=None): # None: linear; n: n constant steps, the first at `start`, the last at `end`
-        if stages is not None and stages < 2: raise ValueError(f"stages={stages!r}: give at least 2 stages, or None for a linear schedule.")
+        if stages is not None and (not isinstance(stages, int) or stages < 2): raise ValueError(
+            f"stages={stages!r}: give a whole number of at least 2 stages, or None for a linear schedule.")
         store_attr()
     def __call__(self, pct:float)->float:
         if self.stages is None: return self.start + (self.end - self.start) * pct

@@ -145,7 +145,7 @@ class CachedTeacher(TeacherSource):
         if not isinstance(source, TeacherSource): raise TypeError(
             f"{type(self).__name__} caches a teacher source, got {type(source).__name__}: pass e.g. `{type(self).__name__}(FrozenTeacher(model))`.")
         if not getattr(source, 'cacheable', True): raise ValueError(
-            f"{type(source).__name__}'s outputs change during training, so keeping those of the first epoch would be wrong: use it uncached.")
+            f"{type(source).__name__}'s outputs change during training, so keeping those of the first epoch would be wrong: use it uncached (set cache_teacher=False).")
         self.source, self.learn, self.cache = source, None, None
 
     def enter(self, learn:Learner):

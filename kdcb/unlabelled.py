@@ -46,6 +46,8 @@ class LabelledOnly(nn.Module):
                  label:int=UNLABELLED, # the label of unlabelled items
                 ):
         super().__init__(); store_attr()
+        if not isinstance(label, int) or isinstance(label, bool): raise TypeError(
+            f"label={label!r} must be an int (the integer label of the unlabelled items), else no item would ever match it.")
         if self.loss_func is None: self.loss_func = CrossEntropyLossFlat()
 
     def forward(self, pred:Tensor, # the model's output, items first and (for classification) the class dimension last

@@ -158,3 +158,47 @@ def test_topk_cache_refuses_logits_float16_cannot_hold():
     with pytest.raises(ValueError, match=r'as large as 1e\+05 do not fit in torch.float16'): topk_pack(torch.tensor([[1e5, 0., 1.]]), 1)
     v, i, fill = topk_pack(torch.tensor([[1e5, 0., 1.]]), 1, torch.float32)
     assert v.item() == 1e5 and i.item() == 0
+
+
+# ---- losses on the non-target classes
+
+@pytest.mark.parametrize('which', ['decoupled_kd', 'normalized_kd'])
+def test_non_target_distribution_leaves_the_target_out_at_any_logit_scale(which):
+    "A target logit of 5e4: the 'non-target' distribution must still give the target class no mass (a fixed -1e4 push did)"
+    from kdcb.losses import DecoupledKD, NormalizedKD
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    s, t, y = 10 * torch.randn(4, 6, generator=g), 10 * torch.randn(4, 6, generator=g), torch.tensor([0, 1, 2, 3])
+    s[range(4), y] = t[range(4), y] = 5e4
+    keep = ~F.one_hot(y, 6).bool()
+    ls, lt = (z[keep].view(4, 5) for z in (s, t)) # the non-target logits alone
+    if which == 'decoupled_kd':
+        got = DecoupledKD(T=1., alpha=0., beta=1.)(s, t, y)
+        want = F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True, reduction='none').sum(-1).mean()
+    else:
+        got = NormalizedKD(T=1., gamma=1.)(s, t, y)
+        want = (-(F.softmax(lt, -1) * F.log_softmax(ls, -1)).sum(-1)).mean() # the target term is 0: p_s(y) = p_t(y) = 1
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- hyper-parameters that would silently give a constant or wrong loss
+
+@pytest.mark.parametrize('make, msg', [
+    (lambda: __import__('kdcb.losses', fromlist=['x']).Attention(p=0), 'p=0 must be > 0'),
+    (lambda: __import__('kdcb.losses', fromlist=['x']).PKT(eps=0), 'eps=0 must be > 0'),
+    (lambda: __import__('kdcb.losses', fromlist=['x']).RKD(w_dist=-1), 'w_dist=-1 must be >= 0'),
+    (lambda: __import__('kdcb.losses', fromlist=['x']).ActivationBoundaries(margin=-1.), 'margin=-1.0 must be >= 0'),
+    (lambda: __import__('kdcb.losses', fromlist=['x']).MGDLoss(4, 4, lambda_mgd=1.), 'lambda_mgd=1.0 must lie in [0, 1)'),
+    (lambda: __import__('kdcb.losses', fromlist=['x']).MGDLoss(4.5, 4), 'num_student_channels=4.5 must be a positive'),
+    (lambda: __import__('kdcb.contrastive', fromlist=['x']).InfoNCE(4, 4, dim=0), 'dim=0 must be a positive'),
+    (lambda: __import__('kdcb.contrastive', fromlist=['x']).CRD(4, 4, dim=0), 'dim=0 must be a positive'),
+    (lambda: __import__('kdcb.multilabel', fromlist=['x']).DetectionHeadKD(2, fg_threshold=2.), 'fg_threshold=2.0 must lie in [0, 1]'),
+    (lambda: __import__('kdcb.multilabel', fromlist=['x']).DetectionHeadKD(2, beta=-1.), 'beta=-1.0 must be >= 0'),
+    (lambda: __import__('kdcb.online', fromlist=['x']).Progressive(0., 1., stages=2.5), 'whole number of at least 2 stages'),
+    (lambda: __import__('kdcb.online', fromlist=['x']).EMATeacher(mlp(), warmup='no'), "warmup='no' must be True or False"),
+    (lambda: __import__('kdcb.unlabelled', fromlist=['x']).LabelledOnly(label=1.5), 'label=1.5 must be an int'),
+], ids=['attention_p', 'pkt_eps', 'rkd_weight', 'ab_margin', 'mgd_lambda', 'mgd_channels', 'info_nce_dim', 'crd_dim',
+        'detection_fg', 'detection_beta', 'progressive_stages', 'ema_warmup', 'labelled_only_label'])
+def test_hyper_parameters_are_checked_at_construction(make, msg):
+    with pytest.raises((ValueError, TypeError)) as e: make()
+    assert msg in str(e.value)
