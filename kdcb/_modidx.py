@@ -338,6 +338,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdcb.match._spatial': ('match.html#_spatial', 'kdcb/match.py'),
                             'kdcb.match._stage_outputs': ('match.html#_stage_outputs', 'kdcb/match.py'),
                             'kdcb.match._stages': ('match.html#_stages', 'kdcb/match.py'),
+                            'kdcb.match._token_stack': ('match.html#_token_stack', 'kdcb/match.py'),
                             'kdcb.match.auto_pairs': ('match.html#auto_pairs', 'kdcb/match.py'),
                             'kdcb.match.block_list': ('match.html#block_list', 'kdcb/match.py'),
                             'kdcb.match.depth_pairs': ('match.html#depth_pairs', 'kdcb/match.py'),

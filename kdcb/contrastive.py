@@ -47,6 +47,7 @@ class InfoNCE(ScheduledLoss):
                  symmetric:bool=True, # average with the teacher-to-student direction
                 ):
         super().__init__(); store_attr(); check_positive('T', T)
+        if not isinstance(dim, int) or dim < 1: raise ValueError(f"dim={dim!r} must be a positive embedding width.")
         if (num_student_channels is None) != (num_teacher_channels is None): raise ValueError(
             "Give both `num_student_channels` and `num_teacher_channels` for projection heads, or neither.")
         embeddings(torch.zeros(1, 1), pool=pool) # refuse a bad `pool` now

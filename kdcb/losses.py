@@ -105,7 +105,9 @@ def _log_binary(l:Tensor, y:Tensor)->Tensor:
 
 def _non_target_log_softmax(z:Tensor, y:Tensor)->Tensor:
     "Log-softmax over the classes other than `y`: the target logit is pushed down by a large constant, as in the papers' code"
-    return F.log_softmax(z.scatter_add(-1, y[..., None], torch.full_like(z[..., :1], -1e4)), -1)
+    # 1e4 below the smallest logit, so that its probability is exactly 0 whatever the logits' range (-inf would give 0·∞ = NaN in a KL)
+    push = 1e4 + (z.amax(-1, keepdim=True) - z.amin(-1, keepdim=True)).detach()
+    return F.log_softmax(z.scatter_add(-1, y[..., None], -push), -1)
 
 
 @register_loss
@@ -270,6 +272,8 @@ class Attention(ScheduledLoss):
                  beta:float=1., # scale of the loss: maps are unit vectors, so the raw distance is small (the paper uses 1000)
                 ):
         super().__init__(); store_attr()
+        if not p > 0: raise ValueError(f"p={p!r} must be > 0: with p = 0 every attention map is the same and the loss is always 0.")
+        if not beta >= 0: raise ValueError(f"beta={beta!r} must be >= 0: it scales the loss.")
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
         s, t = match_spatial(out_s, out_t.detach())
@@ -327,6 +331,7 @@ class ActivationBoundaries(ScheduledLoss):
     def __init__(self, margin:float|Callable=2., # margin m around the activation boundary
                 ):
         super().__init__(); store_attr()
+        if not callable(margin) and not margin >= 0: raise ValueError(f"margin={margin!r} must be >= 0: the distance kept from the boundary.")
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
         m, (s, t) = self.now(self.margin), _aligned(out_s, out_t, 'ActivationBoundaries')
@@ -371,6 +376,8 @@ class RKD(ScheduledLoss):
                  w_angle:float|Callable=2., # weight of the angle term
                 ):
         super().__init__(); store_attr()
+        for n, w in (('w_dist', w_dist), ('w_angle', w_angle)):
+            if not callable(w) and not w >= 0: raise ValueError(f"{n}={w!r} must be >= 0: a negative weight rewards the student for moving away.")
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
         s, t = _flat(out_s), _flat(out_t.detach())
@@ -386,6 +393,7 @@ class PKT(ScheduledLoss):
     def __init__(self, eps:float=1e-7, # added inside the logarithm, as in the authors' code
                 ):
         super().__init__(); store_attr()
+        if not eps > 0: raise ValueError(f"eps={eps!r} must be > 0: it keeps the logarithm of a zero probability finite.")
 
     def _probs(self, f:Tensor)->Tensor:
         "Cosine similarities of the rows of `f`, mapped to [0, 1] and normalised to a distribution per row"
@@ -496,6 +504,10 @@ class MGDLoss(ScheduledLoss):
                  lambda_mgd:float=0.65, # ratio λ of masked spatial positions
                 ):
         super().__init__(); store_attr()
+        for n, c in (('num_student_channels', num_student_channels), ('num_teacher_channels', num_teacher_channels)):
+            if not isinstance(c, int) or c < 1: raise ValueError(f"{n}={c!r} must be a positive number of channels.")
+        if not 0 <= lambda_mgd < 1: raise ValueError(
+            f"lambda_mgd={lambda_mgd!r} must lie in [0, 1): the share of positions masked (at 1 the student's features are never seen).")
         self.align = (nn.Identity() if num_student_channels == num_teacher_channels else
                       nn.Conv2d(num_student_channels, num_teacher_channels, 1))
         c = num_teacher_channels
@@ -506,7 +518,9 @@ class MGDLoss(ScheduledLoss):
             raise ValueError(f"MGDLoss({self.num_student_channels}, {self.num_teacher_channels}) got feature maps "
                              f"{tuple(out_s.shape)} and {tuple(out_t.shape)}: it needs (B, C, H, W) maps with those channels. "
                              "Use one MGDLoss per layer pair when the pairs differ in channels.")
-        s, t = match_spatial(self.align(out_s), out_t.detach())
+        p = next(self.parameters(), None) # half-precision maps from an fp16 or bf16 model are cast to the generator's dtype
+        dt = out_s.dtype if p is None else p.dtype
+        s, t = match_spatial(self.align(out_s.to(dt)), out_t.detach().to(dt))
         n, _, h, w = t.shape
         # one random mask per sample, shared by all channels: the generator must rebuild the hidden positions
         keep = (torch.rand(n, 1, h, w, device=s.device) > self.lambda_mgd).to(s.dtype)

@@ -67,7 +67,10 @@ def probe_model(model:nn.Module, # the model to run once
     finally:
         for h in hooks: h.remove()
         for m, t in modes: m.training = t
-    return {n: r._replace(is_output=outs[n] is y) for n, r in sorted(recs.items(), key=lambda o: o[1].order)}
+    try: z = output_tensor(y) # the logits inside a tuple, dict or `ModelOutput` too
+    except TypeError: z = None
+    def is_out(o): return o is y or (isinstance(o, Tensor) and z is not None and o.data_ptr() == z.data_ptr() and o.shape == z.shape)
+    return {n: r._replace(is_output=is_out(outs[n])) for n, r in sorted(recs.items(), key=lambda o: o[1].order)}
 
 # %% ../nbs/02_match.ipynb #fc43bd63
 def _stages(model:nn.Module, recs:dict)->list[str]:
@@ -104,6 +107,14 @@ def _stage_outputs(model:nn.Module, recs:dict, include_pooled:bool, what:str)->d
             warnings.warn(f"{what} module {r.name!r} runs {r.calls} times per forward pass (a shared block), so its "
                           f"output at {fmt_resolution(k)} is ambiguous: {alt}. Pair layers by hand to choose otherwise.")
     return dict(sorted(ok.items(), key=lambda o: o[1].order))
+
+def _token_stack(model:nn.Module, recs:dict)->bool:
+    "Whether the probed `model` is a stack of blocks seen only as tokens (a language model): no feature map, and its blocks ran"
+    keys = [r.key[0] for r in recs.values() if r.key is not None]
+    if 'map' in keys or 'tokens' not in keys: return False
+    try: stack = block_list(model)
+    except ValueError: return False
+    return any(n.startswith(stack + '.') for n in recs)
 
 # %% ../nbs/02_match.ipynb #87132e36
 def _show(stages:dict)->str:
@@ -154,10 +165,15 @@ def match_feature_layers(student:nn.Module, # the student model
                          kind:str='auto', # 3-D outputs are 'conv' (B, C, L) or 'tokens' (B, N, D); 'auto' decides per model
                          include_pooled:bool=False, # also pair the global-pool (1×1) outputs
                         )->LayerPairs: # behaves like `{'student': [...], 'teacher': [...]}`
-    "Pair the stage outputs of `student` and `teacher` that share a resolution, from one probe pass each"
+    "Pair the stage outputs of `student` and `teacher` that share a resolution, from one probe pass each; two stacks of token blocks by depth"
     t0 = time.perf_counter()
-    ss = _stage_outputs(student, probe_model(student, sample_input, kind), include_pooled, 'student')
-    ts = _stage_outputs(teacher, probe_model(teacher, sample_input, kind), include_pooled, 'teacher')
+    sr, tr = probe_model(student, sample_input, kind), probe_model(teacher, sample_input, kind)
+    if _token_stack(student, sr) and _token_stack(teacher, tr): # e.g. two language models: every block has one shape
+        try: return depth_pairs(student, teacher, sample_input)
+        except ValueError as e: raise ValueError(f"Student and teacher are stacks of transformer blocks, paired by depth: {e} "
+                                                 "Call `depth_pairs(student, teacher, sample_input, mapping=...)` yourself.") from e
+    ss = _stage_outputs(student, sr, include_pooled, 'student')
+    ts = _stage_outputs(teacher, tr, include_pooled, 'teacher')
     rows = [PairRow(k, r.name, r.shape, ts[k].name, ts[k].shape) for k, r in ss.items() if k in ts]
     if not rows: raise ValueError(f"Student and teacher share no resolution to pair. Student: {_show(ss)}. "
                                   f"Teacher: {_show(ts)}. Check that both take the same input, try kind='conv' or "

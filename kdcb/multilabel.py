@@ -65,6 +65,10 @@ class DetectionHeadKD(ScheduledLoss):
                 ):
         super().__init__(); store_attr(); check_positive('T', T)
         if cls_norm not in ('mean', 'fg'): raise ValueError(f"cls_norm={cls_norm!r} is not one of 'mean', 'fg'.")
+        if not isinstance(num_classes, int) or num_classes < 0: raise ValueError(f"num_classes={num_classes!r} must be a whole number >= 0.")
+        if not 0 <= fg_threshold <= 1: raise ValueError(
+            f"fg_threshold={fg_threshold!r} must lie in [0, 1]: it is compared with the teacher's class probabilities.")
+        if not beta >= 0: raise ValueError(f"beta={beta!r} must be >= 0 (smooth L1's threshold; 0 is plain L1).")
 
     def forward(self, out_s:Tensor, out_t:Tensor)->Tensor:
         if out_s.shape != out_t.shape or out_s.shape[self.dim] != 4 + self.num_classes: raise ValueError(

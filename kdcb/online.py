@@ -54,6 +54,7 @@ class _EMAStep(Callback):
 # %% ../nbs/09_online.ipynb #0763c711
 class EMATeacher(TeacherSource):
     "Mean teacher (Tarvainen & Valpola 2017): an exponential moving average of the student's weights, updated after every optimizer step"
+    cacheable = False # its outputs change at every step: `CachedTeacher` refuses it
     def __init__(self, student:nn.Module|Learner, # the student whose weights are averaged (the learner's model)
                  decay:float=0.99, # weight of the average at each update: θ_t ← decay·θ_t + (1 − decay)·θ_s
                  warmup:bool=True, # use min(decay, (1 + n)/(10 + n)) at update n, so early updates follow the student quickly
@@ -61,6 +62,7 @@ class EMATeacher(TeacherSource):
         student = student.model if isinstance(student, Learner) else student
         if not isinstance(student, nn.Module): raise TypeError(f"EMATeacher averages an nn.Module (the student), got {type(student).__name__}.")
         if not 0 <= decay < 1: raise ValueError(f"decay={decay!r} must lie in [0, 1): the teacher's share of the average at every step.")
+        if not isinstance(warmup, bool): raise TypeError(f"warmup={warmup!r} must be True or False.")
         self.decay, self.warmup, self.n_updates, self.student = decay, warmup, 0, student
         self.model = copy.deepcopy(student).eval().requires_grad_(False) # the teacher: its own copy, never trained directly
         self._cb = self._snap = None
@@ -164,6 +166,10 @@ class MutualLearning(ColumnsCallback):
     def after_pred(self): # the learner's model has run: now each peer, on the same inputs
         if self.peers is None: return
         self.peer_preds = [output_tensor(m(*model_inputs(tuple(self.xb), m)), f'peer {i+1} output') for i, m in enumerate(self.peers)]
+        shape = output_tensor(self.pred, 'the student output').shape
+        for i, z in enumerate(self.peer_preds, 1):
+            if z.shape != shape: raise ValueError(f"MutualLearning: peer {i} returns outputs of shape {tuple(z.shape)}, the learner's model "
+                                                  f"{tuple(shape)}: every student of the cohort must predict the same classes.")
 
     def after_loss(self):
         if self.peers is None or not len(self.yb): return
@@ -178,7 +184,7 @@ class MutualLearning(ColumnsCallback):
             total = total + mixed
         cls = type(self.learn.loss_grad)
         self.learn.loss_grad = total.to(self.learn.loss_grad.dtype).as_subclass(cls) # each student's gradient from its own term
-        self.learn.loss = own.clone().as_subclass(cls) # train_loss: the learner's own model, as in a run without peers
+        self.learn.loss = own.to(self.learn.loss.dtype, copy=True).as_subclass(cls) # train_loss: the learner's own model, as in a run without peers
 
     def _accumulate(self, preds, y):
         bs, vals = find_bs(self.yb), []
@@ -221,7 +227,7 @@ class AuxHead(nn.Sequential):
 class DeepSupervision(ColumnsCallback):
     "Be Your Own Teacher (Zhang et al. 2019): auxiliary heads on hooked layers learn from the labels and from the model's own softened output"
     order = 5 # before GradientAccumulation (6), while MixedPrecision's autocast is on
-    _stateattrs = ('hooks', 'feats', 'parts') # `export` writes the model alone (the heads are not part of it)
+    _stateattrs = ('heads', 'hooks', 'feats', 'parts') # `export` writes the model alone (the heads are not part of it)
 
     def __init__(self, layers:list[str], # dotted names of the student's layers that get an auxiliary head, shallow to deep
                  T:float|Callable=3., # temperature of the KL from each head to the model's output (the paper: 3)
@@ -237,7 +243,7 @@ class DeepSupervision(ColumnsCallback):
         self.columns = LossColumns([f'aux{i}_{c}' for i in range(len(self.layers)) for c in ('loss', 'accuracy')])
 
 
-    def _init_state(self): self.__dict__.update(hooks=None, feats=None, parts=TrainedParts())
+    def _init_state(self): self.__dict__.update(heads=None, hooks=None, feats=None, parts=TrainedParts())
 
     def _build_heads(self):
         "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
@@ -255,23 +261,27 @@ class DeepSupervision(ColumnsCallback):
 
     def before_fit(self):
         self._cleanup(self.learn)
+        if self.heads is None and not (len(self.dls.train) or len(self.dls.valid)): # a loaded export predicting: no heads, no data
+            self.hooks = None; return
         self.hooks = FeatureHooks(self.model, self.layers, 'student')
         if self.heads is None: self._build_heads()
         self.hooks.attach()
         p = next(self.model.parameters(), None)
-        if p is not None: self.heads.to(p.device)
+        if p is not None: self.heads.to(device=p.device, dtype=p.dtype) # float64 models get float64 heads
         _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
         self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
 
-    def before_train(self): self.parts.join(self.opt)
+    def before_train(self):
+        if self.hooks is not None: self.parts.join(self.opt)
 
     def before_batch(self):
+        if self.hooks is None: return
         self.hooks.clear()
         if self.training: self.kd_loss.set_progress(self.pct_train)
         self.heads.train(self.training)
 
     def after_loss(self):
-        if not len(self.yb): return
+        if self.hooks is None or not len(self.yb): return
         feats, z, y = self.hooks.read(), output_tensor(self.pred, 'the model output'), plain(self.yb[0])
         total, vals = 0., []
         for f, head in zip(feats.values(), self.heads):
@@ -316,7 +326,8 @@ class Progressive:
     "A ready schedule of `pct_train` from `start` to `end`: linear, or constant over `stages` equal stages"
     def __init__(self, start:float, end:float, # values at the beginning and the end of training
                  stages:int|None=None): # None: linear; n: n constant steps, the first at `start`, the last at `end`
-        if stages is not None and stages < 2: raise ValueError(f"stages={stages!r}: give at least 2 stages, or None for a linear schedule.")
+        if stages is not None and (not isinstance(stages, int) or stages < 2): raise ValueError(
+            f"stages={stages!r}: give a whole number of at least 2 stages, or None for a linear schedule.")
         store_attr()
     def __call__(self, pct:float)->float:
         if self.stages is None: return self.start + (self.end - self.start) * pct
@@ -359,9 +370,15 @@ def _fit(model, dls, epochs, lr, teacher, loss, weight, cbs, seed, metrics, loss
     return learn, dict(zip(names, [float(v) for v in vals]))
 
 # %% ../nbs/09_online.ipynb #93647679
-def _model(make, seed):
+def _model(make, seed, taken:list, what:str)->nn.Module:
+    "A student from `make` (a function building it, or a model); refuse one that is already a teacher or trained in this run"
     if seed is not None: set_seed(seed) # the same initial weights for every generation seeded alike
-    return make() if not isinstance(make, nn.Module) else make
+    m = make if isinstance(make, nn.Module) else make()
+    if not isinstance(m, nn.Module): raise TypeError(f"{what} must be an nn.Module or a function building one, got {type(m).__name__}.")
+    if any(m is t for t in taken): raise ValueError(
+        f"{what} is a model that this run already trains or uses as a teacher, so it would be distilled from itself: "
+        "give a function that builds a new model each time, e.g. `lambda: copy.deepcopy(model)`.")
+    return m
 
 # %% ../nbs/09_online.ipynb #3032cc51
 def born_again(make_student:Callable[[], nn.Module], # builds a fresh student (the same architecture every generation)
@@ -377,12 +394,16 @@ def born_again(make_student:Callable[[], nn.Module], # builds a fresh student (t
                metrics=accuracy, loss_func=None, # for each generation's `Learner` (default: `CrossEntropyLossFlat()`)
               )->Generations:
     "Born-again networks (Furlanello et al. 2018): generations of the same student, each distilled from the previous"
-    if generations < 1: raise ValueError(f"generations={generations!r}: train at least one.")
+    if isinstance(make_student, nn.Module) or not callable(make_student): raise TypeError(
+        f"born_again: `make_student` must be a function that builds a new student for every generation, got "
+        f"{type(make_student).__name__}; for a model instance pass e.g. `lambda: copy.deepcopy(model)`.")
+    if not isinstance(generations, int) or generations < 1: raise ValueError(f"generations={generations!r}: train at least one.")
     learners, rows = [], []
     for g in range(1, generations + 1):
         prev = [l.model for l in learners]
         t = (prev if ensemble and len(prev) > 1 else prev[-1]) if prev else teacher
-        learn, res = _fit(_model(make_student, seed), dls, epochs, lr, t, loss, weight, cbs, seed, metrics, loss_func)
+        taken = [*prev, getattr(teacher, 'model', teacher)]
+        learn, res = _fit(_model(make_student, seed, taken, f'make_student() for generation {g}'), dls, epochs, lr, t, loss, weight, cbs, seed, metrics, loss_func)
         src = 'labels' if t is None else ('teacher' if not prev else f'generation {g-1}' if not (ensemble and len(prev) > 1) else f'generations 1-{g-1}')
         learners.append(learn); rows.append(dict(generation=g, taught_by=src, params=sum(p.numel() for p in learn.model.parameters()), **res))
     return Generations(learners, rows)
@@ -399,7 +420,8 @@ def teacher_chain(teacher:nn.Module|Learner, # the trained teacher at the top of
     if not len(students): raise ValueError("Give at least one student to teach.")
     learners, rows, t = [], [], teacher.model if isinstance(teacher, Learner) else teacher
     for g, make in enumerate(students, 1):
-        learn, res = _fit(_model(make, seed), dls, epochs, lr, t, loss, weight, cbs, seed, metrics, loss_func)
+        taken = [teacher.model if isinstance(teacher, Learner) else teacher, *(l.model for l in learners)]
+        learn, res = _fit(_model(make, seed, taken, f'students[{g-1}]'), dls, epochs, lr, t, loss, weight, cbs, seed, metrics, loss_func)
         learners.append(learn)
         rows.append(dict(generation=g, taught_by='teacher' if g == 1 else f'link {g-1}', params=sum(p.numel() for p in learn.model.parameters()), **res))
         t = learn.model

@@ -139,7 +139,14 @@ def _fingerprint(xb)->Tensor: # one float64 per item, sensitive to values and th
 class CachedTeacher(TeacherSource):
     "Another teacher source's outputs, kept per training item after the first epoch (for inputs that never change)"
     model = None # outputs only: no layers to hook
-    def __init__(self, source:TeacherSource): self.source, self.learn, self.cache = source, None, None
+    def __init__(self, source:TeacherSource|nn.Module|Learner, # the source whose outputs are kept (a model: its `FrozenTeacher`)
+                ):
+        if isinstance(source, (nn.Module, Learner)): source = FrozenTeacher(source)
+        if not isinstance(source, TeacherSource): raise TypeError(
+            f"{type(self).__name__} caches a teacher source, got {type(source).__name__}: pass e.g. `{type(self).__name__}(FrozenTeacher(model))`.")
+        if not getattr(source, 'cacheable', True): raise ValueError(
+            f"{type(source).__name__}'s outputs change during training, so keeping those of the first epoch would be wrong: use it uncached (set cache_teacher=False).")
+        self.source, self.learn, self.cache = source, None, None
 
     def enter(self, learn:Learner):
         _check_cacheable(learn.dls.train)
@@ -162,10 +169,10 @@ class CachedTeacher(TeacherSource):
                                   out=tuple(t.new_empty((n, *t.shape[1:])) for t in packed))
         for t, v in zip(c['out'], packed): t[idx.to(t.device)] = v
         c['fp'][idx], c['have'][idx] = fp, True
-        return out
+        return self.unpack(packed) # what later epochs get from the cache, in the first one too
 
-    def pack(self, out:Tensor)->tuple: return (out,) # what is stored per item: the output itself
-    def unpack(self, stored:tuple)->Tensor: return stored[0] # the output rebuilt from what `pack` stored
+    def pack(self, out:Tensor)->tuple: return (out,) # what is stored per item: the output itself (exact)
+    def unpack(self, stored:tuple)->Tensor: return stored[0] # the output rebuilt from what `pack` stored, in its format
 
     def exit(self):
         self.source.exit()
@@ -174,44 +181,51 @@ class CachedTeacher(TeacherSource):
 # %% ../nbs/03_teachers.ipynb #9010641a
 def topk_pack(logits:Tensor, # teacher logits, class dimension last
               k:int|None, # how many classes to keep per position (None: all)
-              dtype:torch.dtype=torch.float16, # storage type of the kept log-probabilities
-             )->tuple: # (values,) or (values, int32 indices)
-    "The `k` largest log-probabilities of `logits` (and their classes), to store"
-    lp = torch.log_softmax(logits.float(), -1)
-    if k is None or k >= lp.shape[-1]: return (lp.to(dtype),)
-    v, i = lp.topk(k, -1)
-    return v.to(dtype), i.to(torch.int32)
+              dtype:torch.dtype=torch.float16, # storage type of the kept logits
+             )->tuple: # (logits,) with every class kept, else (top-k logits, int32 indices, float32 fill of the others)
+    "The `k` largest logits, their classes, and the logit of the others that keeps the softmax's tail mass exact"
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    big = float(z[z.isfinite()].abs().max()) if z.isfinite().any() else 0.
+    if big > torch.finfo(dtype).max: raise ValueError(
+        f"Teacher logits as large as {big:.4g} do not fit in {dtype} (at most {torch.finfo(dtype).max:.4g}): "
+        "cache them with dtype=torch.bfloat16 or torch.float32.")
+    if k is None or k >= z.shape[-1]: return (z.to(dtype),)
+    v, i = z.topk(k, -1)
+    fill = z.scatter(-1, i, float('-inf')).logsumexp(-1, keepdim=True) - z.new_tensor(z.shape[-1] - k).log() # (V − k)·e^fill = tail's Σ e^z
+    return v.to(dtype), i.to(torch.int32), fill.float()
 
 def topk_unpack(stored:tuple, # as returned by `topk_pack`
                 n_classes:int, # the vocabulary size V
-               )->Tensor: # float32 log-probabilities (…, V)
-    "Full log-probabilities from `topk_pack`'s output, the tail mass spread evenly over the classes not kept"
-    v = stored[0].float()
-    if len(stored) == 1: return v
-    k = v.shape[-1]
-    if k == n_classes: return v.new_full((*v.shape[:-1], n_classes), 0.).scatter(-1, stored[1].long(), v)
-    tail = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (n_classes - k) # each class outside the top k
-    return tail.log().expand(*v.shape[:-1], n_classes).scatter(-1, stored[1].long(), v)
+                dtype:torch.dtype=torch.float32, # the dtype of the rebuilt logits (the teacher's)
+               )->Tensor: # logits (…, V)
+    "Full logits from `topk_pack`'s output: the kept ones where they were, the fill everywhere else"
+    if len(stored) == 1: return stored[0].to(dtype)
+    v, i, fill = stored
+    return fill.to(dtype).expand(*fill.shape[:-1], n_classes).scatter(-1, i.long(), v.to(dtype))
 
 class TopKCachedTeacher(CachedTeacher):
-    "`CachedTeacher` for large vocabularies: keeps the top-`k` log-probabilities per position in half precision"
-    def __init__(self, source:TeacherSource, # the teacher source whose outputs are cached
+    "`CachedTeacher` for large vocabularies: keeps the top-`k` logits per position in half precision, and the tail's softmax mass"
+    def __init__(self, source:TeacherSource|nn.Module|Learner, # the teacher source whose outputs are cached (a model: its `FrozenTeacher`)
                  k:int|None=64, # classes kept per position (None: all of them, in `dtype`)
-                 dtype:torch.dtype=torch.float16, # storage type of the kept log-probabilities
+                 dtype:torch.dtype=torch.float16, # storage type of the kept logits
                 ):
-        if k is not None and k < 1: raise ValueError(f"k={k} must be a positive number of classes (or None for all).")
-        super().__init__(source); self.k, self.dtype, self.n_classes = k, dtype, None
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1): raise ValueError(
+            f"k={k!r} must be a positive number of classes (or None for all).")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point: raise TypeError(
+            f"dtype={dtype!r} must be a floating-point torch dtype, e.g. torch.float16.")
+        super().__init__(source); self.k, self.dtype, self.n_classes, self.out_dtype = k, dtype, None, None
 
     def pack(self, out:Tensor)->tuple:
-        self.n_classes = out.shape[-1]
+        self.n_classes, self.out_dtype = out.shape[-1], out.dtype
         return topk_pack(out, self.k, self.dtype)
-    def unpack(self, stored:tuple)->Tensor: return topk_unpack(stored, self.n_classes)
+    def unpack(self, stored:tuple)->Tensor: return topk_unpack(stored, self.n_classes, self.out_dtype)
 
     @staticmethod
     def nbytes(n_items:int, positions:int, n_classes:int, k:int|None=64, dtype:torch.dtype=torch.float16)->int:
-        "The cache's size in bytes: N·P·k·(value + 4) with k classes kept, N·P·V·value with all of them"
+        "The cache's size in bytes: N·P·(k·(value + 4) + 4) with k classes kept, N·P·V·value with all of them"
         size = torch.empty((), dtype=dtype).element_size()
-        return n_items * positions * (n_classes * size if k is None or k >= n_classes else k * (size + 4))
+        return n_items * positions * (n_classes * size if k is None or k >= n_classes else k * (size + 4) + 4)
+
 
 # %% ../nbs/03_teachers.ipynb #c1d35c93
 def as_teacher(teacher:nn.Module|Learner|list|TeacherSource|Callable, # a model, a `Learner`, a list of them, a teacher source or a function

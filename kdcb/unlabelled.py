@@ -23,6 +23,13 @@ def add_unlabelled(x:Tensor, # labelled training inputs, items along the first d
                    label:int=UNLABELLED, # the label given to the unlabelled items
                   )->tuple[Tensor, Tensor]: # all inputs, and labels with `label` for the unlabelled ones
     "The training inputs and labels with `x_unlabelled` appended, labelled `label`"
+    for n, v in (('x', x), ('y', y), ('x_unlabelled', x_unlabelled)):
+        if not isinstance(v, Tensor): raise TypeError(f"add_unlabelled: `{n}` must be a tensor, got {type(v).__name__}; convert it with `torch.as_tensor`.")
+    if len(x) != len(y): raise ValueError(f"add_unlabelled: {len(x)} labelled inputs `x` but {len(y)} labels `y`: give one label per input.")
+    if x_unlabelled.dtype != x.dtype: raise TypeError(
+        f"add_unlabelled: `x_unlabelled` is {x_unlabelled.dtype} but `x` is {x.dtype}; convert one of them first "
+        f"(e.g. `x_unlabelled.to({x.dtype})`) so that no values are rounded behind your back.")
+    if not isinstance(label, int) or isinstance(label, bool): raise TypeError(f"add_unlabelled: `label` must be an int, got {label!r}.")
     if x.shape[1:] != x_unlabelled.shape[1:]: raise ValueError(
         f"Unlabelled inputs of shape {tuple(x_unlabelled.shape)} do not match the labelled inputs {tuple(x.shape)} "
         "beyond the first (item) dimension.")
@@ -30,7 +37,7 @@ def add_unlabelled(x:Tensor, # labelled training inputs, items along the first d
     if (y == label).any(): raise ValueError(f"Some labelled items already have the label {label} that marks unlabelled "
                                             "ones: pass another `label`.")
     yu = torch.full((len(x_unlabelled), *y.shape[1:]), label, dtype=y.dtype, device=y.device)
-    return torch.cat([x, x_unlabelled.to(x.device, x.dtype)]), torch.cat([y, yu])
+    return torch.cat([x, x_unlabelled.to(x.device)]), torch.cat([y, yu])
 
 # %% ../nbs/06_unlabelled.ipynb #c38616e5
 class LabelledOnly(nn.Module):
@@ -39,6 +46,8 @@ class LabelledOnly(nn.Module):
                  label:int=UNLABELLED, # the label of unlabelled items
                 ):
         super().__init__(); store_attr()
+        if not isinstance(label, int) or isinstance(label, bool): raise TypeError(
+            f"label={label!r} must be an int (the integer label of the unlabelled items), else no item would ever match it.")
         if self.loss_func is None: self.loss_func = CrossEntropyLossFlat()
 
     def forward(self, pred:Tensor, # the model's output, items first and (for classification) the class dimension last

@@ -186,7 +186,7 @@ def test_teacher_on_its_own_device_returns_a_plain_dict():
 
 
 def test_topk_cache_through_the_callback():
-    "GPT-2 logits cached as top-k float16 log-probabilities: the teacher runs in the first epoch only, the cache is small"
+    "GPT-2 logits cached as top-k float16 logits: the teacher runs in the first epoch only, the cache is small"
     from kdcb.teachers import FrozenTeacher, TopKCachedTeacher
     teacher, student = gpt2(2, 32, 0), gpt2(1, 16, 1)
     calls = []
@@ -197,13 +197,14 @@ def test_topk_cache_through_the_callback():
     quiet_fit(learn, 3, 1e-3)
     h.remove()
     assert len(calls) == 3 # three training batches in the first epoch; validation does not distil
-    vals, idx = src.cache['out']
-    assert vals.shape == idx.shape == (48, 12, 5) and vals.dtype == torch.float16 and idx.dtype == torch.int32
-    assert TopKCachedTeacher.nbytes(48, 12, V, 5) == vals.nbytes + idx.nbytes
+    vals, idx, fill = src.cache['out']
+    assert vals.shape == idx.shape == (48, 12, 5) and fill.shape == (48, 12, 1)
+    assert (vals.dtype, idx.dtype, fill.dtype) == (torch.float16, torch.int32, torch.float32)
+    assert TopKCachedTeacher.nbytes(48, 12, V, 5) == vals.nbytes + idx.nbytes + fill.nbytes
     x = causal_dls().train_ds[0][0][None]
-    with torch.no_grad(): lp = torch.log_softmax(teacher.eval()(x).logits, -1)
+    with torch.no_grad(): z = teacher.eval()(x).logits
     item = next(i for i in range(48) if torch.equal(learn.dls.train_ds[i][0], x[0]))
-    assert torch.allclose(vals[item].float(), lp[0].topk(5, -1).values, atol=1e-2)
+    assert torch.allclose(vals[item].float(), z[0].topk(5, -1).values, atol=1e-2) # the teacher's logits, not log-probabilities
 
 
 def test_attention_transfer_gpt2_and_bert():

@@ -96,10 +96,10 @@ def test_mgd_gradcheck_and_mask_ratio():
     t = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     def f(s): torch.manual_seed(1); return mgd(s, t)
     assert gradcheck(f, (s,), eps=1e-6, atol=1e-5)
-    # λ = 0 masks nothing, λ = 1 masks everything (the generator then sees only zeros)
-    ident = MGDLoss(4, 4, lambda_mgd=1.0)
-    z = ident.generation(torch.zeros(2, 4, 4, 4))
-    torch.testing.assert_close(ident(torch.randn(2, 4, 4, 4), t.float()), F.mse_loss(z, t.float()))
+    # λ = 0 masks nothing; λ = 1 would mask everything (the generator would never see the student): refused
+    with pytest.raises(ValueError, match=r'lambda_mgd=1.0 must lie in \[0, 1\)'): MGDLoss(4, 4, lambda_mgd=1.0)
+    ident, x = MGDLoss(4, 4, lambda_mgd=0.0), torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(ident(x, t.float()), F.mse_loss(ident.generation(x), t.float()))
     # about λ of the positions are masked
     torch.manual_seed(0)
     seen = []

@@ -1,0 +1,114 @@
+"""Every output loss × every teacher source kdcb ships: on deterministic inputs the losses get the same teacher output in
+epoch 1 as in epoch 2, and the same as the live teacher (top-k: within its documented approximation). The sources and the
+output losses are discovered, from `kdcb.all` and the loss registry: a new one fails `test_every_source_is_covered` (or
+is covered by itself) until it is added here."""
+import copy, pytest, torch
+from torch import nn
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
+import kdcb.all
+from kdcb.all import *
+from conftest import mlp, quiet_fit
+
+N_CLASSES, BS = 5, 16
+
+
+MULTI_LABEL = {'sigmoid_kd'} # output losses of independent labels: multi-hot targets and a binary task loss
+
+
+def data(multi_label=False, seed=0):
+    "Deterministic batches: no shuffle, no augmentation, every item in every epoch"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 8, generator=g)
+    y = torch.randint(0, N_CLASSES, (64,), generator=g)
+    if multi_label: y = (torch.rand(64, N_CLASSES, generator=g) > .5).float()
+    ds = list(zip(x, y))
+    return DataLoaders(DataLoader(ds[:48], bs=BS, shuffle=False), DataLoader(ds[48:], bs=BS)), x[:48]
+
+
+def teacher(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, N_CLASSES))
+
+
+def output_losses()->list[str]:
+    "The registered losses that take the teacher's output (`teacher_pred`), from the registry"
+    names = []
+    for n in available_losses():
+        try: term = LossTerm(n)
+        except TypeError: continue # needs constructor arguments: feature losses (CRD, MGD); an output loss must build from defaults
+        if 'teacher_pred' in term.sources: names.append(n)
+    return names
+
+
+# each source: built from (teachers, student) -> (source, the live reference for inputs x, how exact it is)
+def _frozen(ts, s): return FrozenTeacher(ts[0]), lambda x: ts[0](x), 'exact'
+def _ensemble(ts, s): return TeacherEnsemble(ts[:2]), lambda x: (ts[0](x) + ts[1](x)) / 2, 'exact'
+def _cached(ts, s): return CachedTeacher(FrozenTeacher(ts[0])), lambda x: ts[0](x), 'exact'
+def _topk(ts, s): return TopKCachedTeacher(FrozenTeacher(ts[0]), k=2), lambda x: ts[0](x), 'topk'
+def _function(ts, s):
+    m = ts[0]
+    return FunctionTeacher(lambda x: m(x) * 2), lambda x: m(x) * 2, 'exact'
+def _ema(ts, s): return EMATeacher(s, decay=.9), None, 'ema' # its reference: the student's copy, taken below
+
+SOURCES = {FrozenTeacher: _frozen, TeacherEnsemble: _ensemble, CachedTeacher: _cached, TopKCachedTeacher: _topk,
+           FunctionTeacher: _function, EMATeacher: _ema}
+
+
+def shipped_sources()->list[type]:
+    return [v for v in vars(kdcb.all).values() if isinstance(v, type) and issubclass(v, TeacherSource) and v is not TeacherSource]
+
+
+def test_every_source_is_covered():
+    missing = [c.__name__ for c in shipped_sources() if c not in SOURCES]
+    assert not missing, f"teacher source(s) {missing} are not in this matrix: add how to build them to SOURCES"
+    assert set(output_losses()) >= {'soft_target', 'logits', 'decoupled_kd', 'dist', 'normalized_kd'}
+
+
+class Spy:
+    "Records the teacher output that the loss receives, per training batch"
+    def __init__(self, loss:nn.Module): self.got, self.h = [], loss.register_forward_pre_hook(self.hook, with_kwargs=True)
+    def hook(self, m, args, kwargs):
+        self.got.append(kwargs.get('teacher_pred', kwargs.get('logits_t')).detach().clone())
+
+
+def run(source_cls, loss_name, lr=0.):
+    dls, x = data(loss_name in MULTI_LABEL)
+    ts, s = [teacher(1), teacher(2)], mlp(8, 16, N_CLASSES)
+    src, ref, how = SOURCES[source_cls](ts, s)
+    if how == 'ema': s0 = copy.deepcopy(s); ref = lambda x: s0(x)
+    kd = KnowledgeDistillationCallback(src, loss_name, weight=.5)
+    spy = Spy(kd.kd_loss.terms[0].loss)
+    learn = Learner(dls, s, loss_func=BCEWithLogitsLossFlat() if loss_name in MULTI_LABEL else CrossEntropyLossFlat(), cbs=kd)
+    quiet_fit(learn, 2, lr)
+    spy.h.remove()
+    n = len(dls.train)
+    assert len(spy.got) == 2 * n # one call per training batch: validation does not distil
+    with torch.no_grad(): live = [ref(x[i*BS:(i+1)*BS]) for i in range(n)]
+    return spy.got[:n], spy.got[n:], live, how
+
+
+@pytest.mark.parametrize('loss_name', output_losses())
+@pytest.mark.parametrize('source_cls', list(SOURCES), ids=lambda c: c.__name__)
+def test_losses_get_the_same_teacher_output_in_every_epoch(source_cls, loss_name):
+    e1, e2, live, how = run(source_cls, loss_name)
+    for a, b, z in zip(e1, e2, live):
+        assert a.shape == b.shape == z.shape and a.dtype == b.dtype == z.dtype # the teacher's format: logits of its shape and dtype
+        assert torch.equal(a, b), f"{source_cls.__name__} gives {loss_name} other teacher outputs in epoch 2 than in epoch 1"
+        if how == 'topk': # documented: the kept logits (float16-rounded) and, at T = 1, the kept probabilities are the teacher's
+            kept = z.topk(2, -1).indices
+            assert torch.allclose(a.gather(-1, kept), z.gather(-1, kept), rtol=1e-3, atol=1e-3)
+            assert torch.allclose(a.softmax(-1).gather(-1, kept), z.softmax(-1).gather(-1, kept), atol=1e-3)
+            assert torch.allclose(a.softmax(-1).sum(-1), torch.ones(len(a)), atol=1e-3)
+        else: assert torch.allclose(a, z, atol=1e-6), f"{source_cls.__name__} does not give {loss_name} the live teacher's output"
+
+
+def test_ema_output_moves_with_the_student_but_keeps_its_format():
+    "The mean teacher changes by definition when the student trains: its outputs keep the student's format and scale"
+    e1, e2, live, _ = run(EMATeacher, 'soft_target', lr=1e-2)
+    for a, b, z in zip(e1, e2, live):
+        assert a.shape == b.shape == z.shape and a.dtype == b.dtype == z.dtype and torch.isfinite(b).all()
+        assert (b - z).abs().max() < 10 * (z.abs().max() + 1) # logits, not probabilities nor log-probabilities of another scale
+    assert any(not torch.equal(a, b) for a, b in zip(e1, e2))
