@@ -4,12 +4,12 @@ from the docstrings of Python's standard library (no download; models built from
 Run: python benchmarks/language_model.py [--teacher 4x128] [--teacher-epochs 6] [--student 2x32] [--epochs 6]
                                          [--student-frac 1.0] [--seeds 0,1] [--T 2] [--weight 0.5]
 The teacher trains once on the training text; each seed trains the student from scratch and with `SoftTarget` (per-token
-KL, `shift_labels=True`), same initialisation and batch order. Prints the environment, a markdown table of validation
+KL, `Outputs(shift_labels=True)`), same initialisation and batch order. Prints the environment, a markdown table of validation
 perplexities and training times, and the distilled / scratch time ratio. About 10 minutes on one thread.
 
 Cost and memory: python benchmarks/language_model.py --cost [--repeats 5] [--cost-seqs 480] [--cost-epochs 2]
 In one process, per repeat and in a rotating order, it times a training epoch of the student from scratch, the teacher's
-inference alone over the same batches (eval, no_grad), a distilled epoch with `SoftTarget(T=2)` (`shift_labels=True`) and
+inference alone over the same batches (eval, no_grad), a distilled epoch with `SoftTarget(T=2)` (`Outputs(shift_labels=True)`) and
 one with `SoftTarget` + `HiddenStateCosine` on the blocks `depth_pairs` pairs (behind its connectors, as in tutorial 8),
 on the first `--cost-seqs` training sequences and with untrained models (cost, not perplexity). Ratio = distilled epoch
 / (scratch epoch + teacher inference), medians over repeats; epochs 2+ of each fit are timed, wall and process CPU time.
@@ -93,7 +93,7 @@ def perplexity(a):
     rows = []
     for seed in map(int, a.seeds.split(',')):
         s, ts = fit(gpt2(a.student, vocab, a.L, seed), train[:n_s], a.epochs, 1e-2, seed=seed)
-        kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=a.T), weight=a.weight, shift_labels=True)
+        kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=a.T), weight=a.weight, outputs=Outputs(shift_labels=True))
         d, td = fit(gpt2(a.student, vocab, a.L, seed), train[:n_s], a.epochs, 1e-2, [kd], seed=seed)
         rows.append((s, d, ts, td))
         print(f'| {seed} | {s:.2f} | {d:.2f} | {d - s:+.2f} | {ts:.0f} | {td:.0f} |', flush=True)
@@ -120,9 +120,9 @@ class Setup:
     def callback(self, variant):
         "The distillation callback of `variant` (None for scratch): T and weight as in the perplexity runs"
         soft = SoftTarget(T=self.a.T)
-        if variant == 'soft_target': return KnowledgeDistillationCallback(self.teacher, soft, weight=self.a.weight, shift_labels=True)
+        if variant == 'soft_target': return KnowledgeDistillationCallback(self.teacher, soft, weight=self.a.weight, outputs=Outputs(shift_labels=True))
         return KnowledgeDistillationCallback(self.teacher, [soft, Connected(HiddenStateCosine(), self.pairs.connectors())],
-                                             self.pairs['student'], self.pairs['teacher'], weight=[0.45, 0.05], shift_labels=True)
+                                             self.pairs['student'], self.pairs['teacher'], weight=[0.45, 0.05], outputs=Outputs(shift_labels=True))
 
     def fit(self, variant, seed):
         "Training-phase (wall, CPU) times of epochs 2+ of one fit of `variant` ('teacher': inference alone, same batches)"

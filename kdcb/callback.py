@@ -22,7 +22,7 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'WeightLog', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitCallback',
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitCallback', 'WeightLog',
            'class_axis', 'Outputs', 'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #1fa0dceb
@@ -58,39 +58,6 @@ class LossColumns(Callback):
         if self.sums is not None: self._check_finite(avg, f'in epoch {self.epoch}')
         self.learn.recorder.log += avg
     def after_fit(self): self.fitting = False
-
-# %% ../nbs/05_callback.ipynb #bb9d749a
-class WeightLog(Callback):
-    "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
-    order = 56 # after `LossColumns` (55) has added the batch to its sums
-    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.rows = prefix, [], {} # which columns to keep
-
-    def before_train(self):
-        if self.epoch == 0: self.pct, self.rows = [], {} # a new fit (not `before_fit`, which `validate` also fires)
-    def after_batch(self): # kept as tensors: no device sync per batch
-        if not self.training: return
-        for c in self.learn.cbs:
-            if not isinstance(c, LossColumns) or c.last is None: continue
-            for i, name in enumerate(c.names):
-                if name.startswith(self.prefix): self.rows.setdefault(name, []).append(c.last[i])
-        if self.rows: self.pct.append(float(self.pct_train))
-
-    @property
-    def weights(self)->dict[str, list[float]]: # column name -> its value at every recorded batch
-        return {n: torch.stack(v).tolist() for n, v in self.rows.items()}
-
-    def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
-             log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
-            ): # the axis
-        "The recorded weights against training progress"
-        if not self.rows: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
-                                              "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
-        import matplotlib.pyplot as plt
-        if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-        for name, w in self.weights.items(): ax.plot(self.pct[-len(w):], w, label=name)
-        if log: ax.set_yscale('log')
-        ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
-        return ax
 
 # %% ../nbs/05_callback.ipynb #0b8e238b
 def finding_lr(learn:Learner)->bool: return any(isinstance(c, LRFinder) for c in learn.cbs) # is this fit `lr_find`'s?
@@ -191,6 +158,39 @@ def export(self:Learner, fname='export.pkl', pickle_module=cloudpickle, pickle_p
     with self.removed_cbs([c for c in self.cbs if isinstance(c, FitCallback)]):
         return _fastai_export(self, fname, pickle_module=pickle_module, pickle_protocol=pickle_protocol)
 Learner.export.fastai = _fastai_export
+
+# %% ../nbs/05_callback.ipynb #bb9d749a
+class WeightLog(FitCallback):
+    "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
+    order = 56 # after `LossColumns` (55) has added the batch to its sums
+    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.rows = prefix, [], {} # which columns to keep
+
+    def before_train(self):
+        if self.epoch == 0: self.pct, self.rows = [], {} # a new fit (not `before_fit`, which `validate` also fires)
+    def after_batch(self): # kept as tensors: no device sync per batch
+        if not self.training: return
+        for c in self.learn.cbs:
+            if not isinstance(c, LossColumns) or c.last is None: continue
+            for i, name in enumerate(c.names):
+                if name.startswith(self.prefix): self.rows.setdefault(name, []).append(c.last[i])
+        if self.rows: self.pct.append(float(self.pct_train))
+
+    @property
+    def weights(self)->dict[str, list[float]]: # column name -> its value at every recorded batch
+        return {n: torch.stack(v).tolist() for n, v in self.rows.items()}
+
+    def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
+             log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
+            ): # the axis
+        "The recorded weights against training progress"
+        if not self.rows: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
+                                              "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
+        import matplotlib.pyplot as plt
+        if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+        for name, w in self.weights.items(): ax.plot(self.pct[-len(w):], w, label=name)
+        if log: ax.set_yscale('log')
+        ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
+        return ax
 
 # %% ../nbs/05_callback.ipynb #ff06d3cd
 def class_axis(loss_func, # the learner's task loss

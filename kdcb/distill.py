@@ -63,19 +63,21 @@ class LossTerm(nn.Module):
         if bad: raise TypeError(f"Loss {self.name!r} requires argument(s) {bad} that the callback cannot provide. "
                                 f"A loss may ask for: {', '.join(_ARGS)}; give other parameters defaults.")
         self.args = {p.name: _ARGS[p.name] for p in named if p.name in _ARGS}
+        named_sources = set(self.args.values()) # what the loss asks for by name
         if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES[:5]}, **self.args} # the optional sources: by name only
+        self.named_sources = named_sources
         self.per_pair = bool({'out_s', 'out_t'} & set(self.args))
         if self.per_pair and ({'fm_s', 'fm_t'} & set(self.args) or not {'out_s', 'out_t'} <= set(self.args)):
             raise TypeError(f"Loss {self.name!r} must ask for both single feature maps `out_s, out_t` "
                             "or for the dicts `fm_s, fm_t`, not a mix.")
 
     @property
-    def sources(self)->set: # which of the callback's sources this loss uses
-        return set(self.args.values())
+    def sources(self)->set: # which of the callback's sources this loss asks for by name (`**kwargs` get the others, if any)
+        return self.named_sources
 
     def forward(self, **sources)->Tensor:
         "The loss on `sources`; for a loss of one pair, the (weighted) sum over the layer pairs"
-        kw = {k: sources.get(src) if src in _OPTIONAL else sources[src] # optional sources: None when there are none
+        kw = {k: sources.get(src) if src in _OPTIONAL or src not in self.named_sources else sources[src] # optional sources: None when there are none
               for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
         if not self.per_pair: return self.loss(**kw)
         pairs = feature_pairs(sources['fm_s'], sources['fm_t'])
