@@ -118,14 +118,7 @@ def _check_cacheable(dl):
     if rand: raise ValueError(f"CachedTeacher: the training transforms {rand} are random augmentations (training only), "
                               "so the teacher's outputs change every epoch. Give the teacher itself, not a CachedTeacher.")
     if not isinstance(dl, DataLoader): raise ValueError(
-        f"CachedTeacher needs a fastai DataLoader to know which items are in a batch, got {type(dl).__name__}.")
-
-def _batch_items(dl, i:int, bs:int)->Tensor: # indices of the items in batch `i` of the current epoch
-    idxs = getattr(dl, '_DataLoader__idxs', None) # the epoch's item order, drawn by fastai's DataLoader.__iter__
-    items = list(idxs[i*dl.bs:(i+1)*dl.bs]) if isinstance(idxs, (list, L)) else None
-    if items is None or len(items) != bs: raise RuntimeError(
-        "CachedTeacher: cannot tell which items are in this batch; give the teacher itself.")
-    return torch.as_tensor(items)
+        f"CachedTeacher needs a fastai DataLoader, whose transforms say whether the inputs are augmented; got {type(dl).__name__}.")
 
 def _fingerprint(xb)->Tensor: # one float64 per item, sensitive to values and their positions
     fp = 0.
@@ -150,19 +143,22 @@ class CachedTeacher(TeacherSource):
     def __call__(self, xb:tuple):
         l = self.learn
         if not l.training: return self.source(xb)
-        idx, fp, c = _batch_items(l.dl, l.iter, find_bs(xb)), _fingerprint(xb), self.cache
-        if c is not None and c['ds'] is l.dl.dataset and c['have'][idx].all():
-            if not torch.allclose(c['fp'][idx], fp, rtol=1e-6, atol=1e-6): raise RuntimeError(
-                "cache_teacher: the training inputs of some items changed between epochs (random augmentation?), so the "
-                "cached teacher outputs no longer match them. Give the teacher itself, not a CachedTeacher.")
+        c, n = self.cache, len(l.dl.dataset)
+        if c is None or c['ds'] is not l.dl.dataset: c = self.cache = dict(ds=l.dl.dataset, rows={}, out=None)
+        keys = _fingerprint(xb).tolist() # each item is known by its inputs: no need to know the loader's order
+        rows = [c['rows'].get(k) for k in keys]
+        if None not in rows: # every item seen in an earlier batch
+            idx = torch.as_tensor(rows)
             return self.unpack(tuple(t[idx.to(t.device)] for t in c['out']))
-        out, n = output_tensor(self.source(xb), 'teacher output'), len(l.dl.dataset)
+        out = output_tensor(self.source(xb), 'teacher output')
         packed = self.pack(out)
-        if c is None or c['ds'] is not l.dl.dataset:
-            c = self.cache = dict(ds=l.dl.dataset, have=torch.zeros(n, dtype=torch.bool), fp=fp.new_empty(n),
-                                  out=tuple(t.new_empty((n, *t.shape[1:])) for t in packed))
+        for k in keys: c['rows'].setdefault(k, len(c['rows']))
+        if len(c['rows']) > n: raise RuntimeError(
+            f"CachedTeacher: the training inputs changed between epochs (random augmentation?): {len(c['rows'])} different "
+            f"inputs for {n} items, so cached teacher outputs would not match them. Give the teacher itself, not a CachedTeacher.")
+        if c['out'] is None: c['out'] = tuple(t.new_empty((n, *t.shape[1:])) for t in packed)
+        idx = torch.as_tensor([c['rows'][k] for k in keys])
         for t, v in zip(c['out'], packed): t[idx.to(t.device)] = v
-        c['fp'][idx], c['have'][idx] = fp, True
         return out
 
     def pack(self, out:Tensor)->tuple: return (out,) # what is stored per item: the output itself
