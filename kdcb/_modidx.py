@@ -440,6 +440,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'kdcb.teachers.TopKCachedTeacher.unpack': ('teachers.html#topkcachedteacher.unpack', 'kdcb/teachers.py'),
                                'kdcb.teachers._check_cacheable': ('teachers.html#_check_cacheable', 'kdcb/teachers.py'),
                                'kdcb.teachers._fingerprint': ('teachers.html#_fingerprint', 'kdcb/teachers.py'),
+                               'kdcb.teachers._kept': ('teachers.html#_kept', 'kdcb/teachers.py'),
                                'kdcb.teachers._pipeline': ('teachers.html#_pipeline', 'kdcb/teachers.py'),
                                'kdcb.teachers.as_teacher': ('teachers.html#as_teacher', 'kdcb/teachers.py'),
                                'kdcb.teachers.topk_pack': ('teachers.html#topk_pack', 'kdcb/teachers.py'),

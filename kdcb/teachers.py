@@ -35,6 +35,9 @@ def _pipeline(dls)->list[str]|None: # the deterministic transforms a batch goes 
     return [show(t) for p in (dl.after_item, dl.before_batch, dl.after_batch) for t in getattr(p, 'fs', [])]
 
 # %% ../nbs/03_teachers.ipynb #04375860
+def _kept(data:Tensor, dtype:torch.dtype|None)->Tensor: # what `FrozenTeacher` keeps of a tensor for the fit's length
+    return data.cpu() if dtype is not None and data.is_floating_point() and data.device.type != 'cpu' else data
+
 class FrozenTeacher(TeacherSource):
     "A trained model run in eval mode without gradients; after each fit its mode, device and dtype are as before"
     def __init__(self, model:nn.Module|Learner, # the trained teacher, or a fastai `Learner` holding it
@@ -56,9 +59,10 @@ class FrozenTeacher(TeacherSource):
             self._pipeline = None # once
         s = first_float(learn.model)
         self._out = s.device if s is not None else None # outputs go where the student is
-        # the user's own tensors, put back as they are after the fit: converting back would round them (bfloat16)
-        self._saved = [(m, n, t, t.data, t.grad if isinstance(t, nn.Parameter) else None) for m in self.model.modules()
-                       for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+        # the user's own tensors, put back as they are after the fit: converting back would round them (bfloat16);
+        # on an accelerator, a copy to be converted waits on the CPU, so that the fit holds the converted teacher alone
+        self._saved = [(m, n, t, t.device, _kept(t.data, self.dtype), t.grad if isinstance(t, nn.Parameter) else None)
+                       for m in self.model.modules() for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
         self.model.to(device=self.device or self._out, dtype=self.dtype)
         self._modes = EvalMode(self.model) # switched for each forward pass only
 
@@ -67,9 +71,9 @@ class FrozenTeacher(TeacherSource):
         return out if self.device is None else to_device(out, self._out)
 
     def exit(self):
-        for m, n, t, data, grad in self._saved or []:
-            if isinstance(t, nn.Parameter): t.data, t.grad = data, grad
-            else: setattr(m, n, t) # a buffer: the original tensor object
+        for m, n, t, device, data, grad in self._saved or []:
+            if isinstance(t, nn.Parameter): t.data, t.grad = data.to(device), grad
+            else: setattr(m, n, data.to(device)) # a buffer: its original values
         self._saved, self._modes = None, None
 
 # %% ../nbs/03_teachers.ipynb #1d899ff5
