@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_demo.ipynb #2a733d48
 from __future__ import annotations
-import argparse, random, statistics, time, warnings
+import argparse, random, statistics, sys, time, warnings
 from typing import Callable
 # fastai's own import calls `torch.jit.script`, which torch deprecates: nothing a demo user can act on
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -28,8 +28,9 @@ from .callback import KnowledgeDistillationCallback
 from .data import TensorDL, tensor_dls, add_unlabelled, LabelledOnly, UNLABELLED
 
 # %% auto #0
-__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'mnist1d', 'ShiftNoise', 'cnn1d', 'n_params', 'EpochLog', 'parse_loss', 'train',
-           'summarise', 'markdown_table', 'plot_runs', 'get_parser', 'run_demo', 'main']
+__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'TEACHER_WIDTH', 'STUDENT_WIDTH', 'BS', 'mnist1d', 'ShiftNoise', 'cnn1d', 'n_params',
+           'EpochLog', 'parse_loss', 'train', 'summarise', 'markdown_table', 'plot_change', 'get_parser', 'run_demo',
+           'main']
 
 # %% ../nbs/08_demo.ipynb #58383242
 def mnist1d(n_train:int=4000, # training signals (the default split of MNIST-1D)
@@ -73,22 +74,20 @@ def n_params(m:nn.Module)->int: return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/08_demo.ipynb #23b6c2ee
 class EpochLog(Callback):
-    "Records per epoch the validation accuracy, the wall time and the agreement with `teacher`; per batch the distillation weight"
+    "Records per epoch the validation accuracy, the optimizer steps so far and the wall time, per batch the distillation weight; prints a line per epoch when given a `label`"
     order = 51 # after `Recorder` (50) has written the epoch's metrics
-    def __init__(self, teacher:nn.Module|None=None): self.teacher = teacher # agreement is measured against its predictions
-    def _top(self, model): # predicted class of every validation signal
-        with torch.no_grad(): return torch.cat([model(*b[:-1]).argmax(-1) for b in self.dls.valid])
-    def before_fit(self):
-        self.accs, self.times, self.weights, self.agree = [], [], [], []
-        if self.teacher is not None: self.teacher_top = self._top(self.teacher.eval())
+    def __init__(self, label:str|None=None): self.label = label # start of the line printed after every epoch (None: print nothing)
+    def before_fit(self): self.accs, self.steps, self.times, self.weights = [], [], [], []
     def before_epoch(self): self.t0 = time.perf_counter()
     def before_batch(self):
         kd, p = getattr(self.learn, 'knowledge_distillation', None), self.pct_train
         if self.training and kd is not None: self.weights.append((p, sum(kd.kd_loss.current))) # as the callback just evaluated them
     def after_epoch(self):
         self.times.append(time.perf_counter() - self.t0)
+        self.steps.append(self.train_iter)
         self.accs.append(float(self.recorder.final_record[self.recorder.metric_names.index('accuracy') - 1]))
-        if self.teacher is not None: self.agree.append(float((self._top(self.model.eval()) == self.teacher_top).float().mean()))
+        if self.label is not None: print(f"{self.label} epoch {self.epoch + 1}/{self.n_epoch}, step {self.train_iter}: "
+                                         f"validation accuracy {100 * self.accs[-1]:.1f}% ({self.times[-1]:.1f} s)", flush=True)
 
 # %% ../nbs/08_demo.ipynb #ada0ba31
 LOSS_OPTIONS = {'decoupled_kd': dict(beta=2.)} # the demo's settings that differ from a loss's defaults (see below)
@@ -113,18 +112,18 @@ def train(dls:DataLoaders, # training and validation data
           losses:list|None=None, # distillation losses (`parse_loss`)
           weight:float|list=0.5, # total distillation weight (split evenly between the losses), or one per loss
           aug:Callback|None=None, # batch augmentation, seen by the teacher and the student alike
-          bar:bool=True, # show fastai's progress bars
+          bar:bool=True, # show fastai's progress bars (never with `label`)
           student_layers:list[str]|None=None, # layers for feature losses; default: matched ('auto')
           teacher_layers:list[str]|None=None, # the teacher layers paired with `student_layers`
           seed:int|None=None, # seed the batch order and the augmentation (python, numpy and torch generators)
           loss_func:Callable|None=None, # the task loss (default `CrossEntropyLossFlat()`; `LabelledOnly()` with unlabelled items)
-          agree_with:nn.Module|None=None, # measure agreement with this model every epoch (default: `teacher`)
-         )->EpochLog: # validation accuracy, time and agreement with the teacher of each epoch, distillation weight of each batch
+          label:str|None=None, # print one line per epoch, starting with this, instead of progress bars
+         )->EpochLog: # validation accuracy, steps and time of each epoch, distillation weight of each batch
     "Train `model` with fastai's `fit_one_cycle`, from the labels alone or distilling `teacher` with `losses`"
     if seed is not None:
         set_seed(seed)
         dls.train.rng = random.Random(seed) # fastai's DataLoader shuffles with its own generator, drawn when it was made
-    log = EpochLog(agree_with if agree_with is not None else teacher)
+    log = EpochLog(label)
     cbs = [log] + ([aug] if aug is not None else [])
     if losses:
         feat = any(LossTerm(l).sources & {'fm_s', 'fm_t'} for l in losses)
@@ -133,7 +132,7 @@ def train(dls:DataLoaders, # training and validation data
         cbs.append(KnowledgeDistillationCallback(teacher, losses, student_layers, teacher_layers, weight=weight))
     learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs)
     with learn.no_logging():
-        if bar: learn.fit_one_cycle(epochs, lr)
+        if bar and label is None: learn.fit_one_cycle(epochs, lr)
         else:
             with learn.no_bar(): learn.fit_one_cycle(epochs, lr)
     return log
@@ -142,72 +141,100 @@ def train(dls:DataLoaders, # training and validation data
 def summarise(name:str, # the row's label
               logs:list[EpochLog], # one per seed
               params:int, # the model's parameter count
-             )->dict: # name, acc (%), std (%), params, s_per_epoch
-    "One table row: final validation accuracy as mean ± std over seeds, parameters, seconds per epoch"
+              data:str='', # what it learnt from (e.g. '300 + 7,700 unlabelled')
+              scratch:list[EpochLog]|None=None, # the scratch runs of the same seeds, in the same order, to compare with
+             )->dict: # name, data, steps, acc and std (%), change and change_std (points, None without `scratch`), params, logs
+    "One table row: final validation accuracy as mean ± std over seeds, and its change from `scratch` paired by seed"
     accs = [100 * l.accs[-1] for l in logs]
-    return dict(name=name, acc=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.,
-                params=params, s_per_epoch=statistics.mean(t for l in logs for t in l.times), logs=logs)
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0. # one run has no spread
+    d = [a - 100 * s.accs[-1] for a, s in zip(accs, scratch, strict=True)] if scratch else None
+    return dict(name=name, data=data, steps=logs[0].steps[-1], acc=statistics.mean(accs), std=sd(accs),
+                change=statistics.mean(d) if d else None, change_std=sd(d) if d else None, params=params, logs=logs)
 
 def markdown_table(rows:list[dict])->str:
     "The rows as a markdown table"
-    lines = ['| model | accuracy (%) | parameters | s / epoch |', '|---|---|---|---|']
-    acc = lambda r: f"{r['acc']:.1f}" + (f" ± {r['std']:.1f}" if len(r['logs']) > 1 else '') # one run has no spread
-    lines += [f"| {r['name']} | {acc(r)} | {r['params']:,} | {r['s_per_epoch']:.2f} |" for r in rows]
+    lines = ['| model | labelled signals | optimizer steps | accuracy (%) | vs scratch (points) | parameters |', '|---|---|---|---|---|---|']
+    pm = lambda m, s, n, f: f"{m:{f}}" + (f" ± {s:.1f}" if n > 1 else '')
+    for r in rows:
+        n = len(r['logs'])
+        change = '' if r['change'] is None else pm(r['change'], r['change_std'], n, '+.1f')
+        lines.append(f"| {r['name']} | {r['data']} | {r['steps']:,} | {pm(r['acc'], r['std'], n, '.1f')} | {change} | {r['params']:,} |")
     return '\n'.join(lines)
 
 # %% ../nbs/08_demo.ipynb #7b145d45
-def plot_runs(rows:list[dict], # rows from `summarise`, with their logs
-              fname:Path, # where to write the PNG
-             ):
-    "Validation accuracy per epoch (mean over seeds) of every run, and how often each student agrees with the teacher"
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+def plot_change(rows:list[dict], # rows from `summarise`, with their logs; the teacher's as a line
+                scratch:list[EpochLog], # the scratch runs, one per seed, in the rows' seed order
+                fname:Path, # where to write the PNG
+               ):
+    "Each student's validation accuracy over optimizer steps less the final accuracy of scratch of the same seed: mean ± std over seeds"
+    from matplotlib.figure import Figure # no pyplot: no global state, no display backend
+    base = torch.tensor([100 * l.accs[-1] for l in scratch])
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.axhline(0, color='grey', lw=.8)
+    finals = []
     for i, r in enumerate(rows):
-        accs = torch.tensor([l.accs for l in r['logs']]) * 100
-        prog = torch.arange(1, accs.shape[1] + 1) / accs.shape[1] # runs of different lengths share one axis
-        a1.plot(prog, accs.mean(0), f'C{i}', label=r['name'], ls='--' if r['name'] == 'teacher' else '-')
-        if r['logs'][0].agree:
-            agree = torch.tensor([l.agree for l in r['logs']]) * 100
-            a2.plot(torch.arange(1, agree.shape[1] + 1) / agree.shape[1], agree.mean(0), f'C{i}', label=r['name'])
-    a1.set(xlabel='training progress (share of the run)', ylabel='validation accuracy (%)', title='MNIST-1D, mean over seeds')
-    a1.set_ylim(max(0, a1.get_ylim()[0]), 100); a1.legend()
-    a2.set(xlabel='training progress (share of the run)', ylabel='same class as the teacher (%)', title='agreement with the teacher on validation')
-    if a2.lines: a2.legend()
-    fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
+        if len(r['logs']) != len(scratch): # the teacher: one run on its own data
+            ax.axhline(r['acc'] - base.mean(), color='k', ls='--', lw=1, label=f"{r['name']} ({r['acc']:.1f}%)")
+            continue
+        d = torch.tensor([l.accs for l in r['logs']]) * 100 - base[:, None]
+        m, s = d.mean(0), d.std(0) if len(d) > 1 else torch.zeros(d.shape[1])
+        steps = r['logs'][0].steps
+        ax.plot(steps, m, f'C{i}', label=f"{r['name']} ({m[-1]:+.1f})")
+        ax.fill_between(steps, m - s, m + s, color=f'C{i}', alpha=.2, lw=0)
+        finals.append(float(m[-1] - s[-1]))
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, min(finals + [0]) - 12), hi) # the first epochs of every run start far below: show the end
+    ax.set(xlabel='optimizer steps', ylabel='change in validation accuracy (points)',
+           title=f"MNIST-1D: change against scratch's final {base.mean():.1f}% (mean ± std over {len(base)} seeds)")
+    ax.legend(loc='lower right'); ax.grid(alpha=.3)
+    fig.tight_layout(); fig.savefig(fname, dpi=100)
 
 # %% ../nbs/08_demo.ipynb #b26aa902
-DEFAULT_LOSSES = 'soft_target,decoupled_kd,attention+soft_target'
+DEFAULT_LOSSES = 'soft_target,decoupled_kd,attention+soft_target' # with --same-data
+TEACHER_WIDTH, STUDENT_WIDTH, BS = 40, 11, 128 # `cnn1d` widths (35,010 and 2,936 parameters), batch size of every run
 
 def get_parser()->argparse.ArgumentParser:
     "The command-line options of `kdcb-demo`"
-    p = argparse.ArgumentParser(prog='kdcb-demo', description="Distil a 1-D CNN teacher into a small student on MNIST-1D "
-                                "(built locally) and compare it with the same student trained from scratch.")
-    p.add_argument('--epochs', type=int, default=40, help='epochs of every run (default 40)')
+    p = argparse.ArgumentParser(prog='kdcb-demo', description=
+        "Distillation on MNIST-1D (built locally): a 1-D CNN teacher learns from N_TRAIN labelled signals; a small student has "
+        "labels for only LABELLED of them. Rows: the teacher; the student from scratch, at the distilled student's optimizer "
+        "steps and at LONG times as many; the student distilled from its labels and the teacher's outputs on all N_TRAIN "
+        "signals, the others given without labels. Every batch is randomly shifted and noised, the same view for teacher "
+        "and student. Prints one table (mean ± std over seeds, change against scratch paired by seed) and draws the change "
+        "over training to OUT/demo.png.")
+    p.add_argument('--n-train', type=int, default=8000, help='training signals, all labelled for the teacher (default 8000)')
+    p.add_argument('--labelled', type=int, default=None, help="signals the students have labels for: the first LABELLED (default 300)")
+    p.add_argument('--same-data', action='store_true', help="students get the labels of all N_TRAIN signals, as the teacher "
+                   f"(no unlabelled inputs); then --losses defaults to {DEFAULT_LOSSES} and --weight to 0.5")
+    p.add_argument('--epochs', type=int, default=12, help=f'epochs of the students, each N_TRAIN signals (scratch: the labelled ones repeated) in batches of {BS} (default 12)')
+    p.add_argument('--long', type=int, default=4, help='the second scratch row trains for LONG times the epochs (default 4; 1 leaves the row out)')
+    p.add_argument('--teacher-epochs', type=int, default=10, help='epochs of the teacher (default 10)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per student (default 3)')
     p.add_argument('--seed', type=int, default=0, help='first seed (default 0)')
-    p.add_argument('--losses', default=None, help=f"comma list of registered losses or '+' combos (default {DEFAULT_LOSSES}; soft_target with --labelled)")
-    p.add_argument('--out', default='kdcb-demo', help='folder for the plot and the table (default ./kdcb-demo)')
-    p.add_argument('--n-train', type=int, default=4000, help='training signals (default 4000)')
+    p.add_argument('--losses', default=None, help="comma list of registered losses or '+' combos, one distilled row each (default soft_target)")
     p.add_argument('--temperature', type=float, default=4., help='temperature of soft_target and decoupled_kd (default 4)')
-    p.add_argument('--weight', type=float, default=None, help='total distillation weight (default 0.5; 0.9 with --labelled, as measured in tutorial 6)')
-    p.add_argument('--labelled', type=int, default=None, help="the teacher's data is bigger: students get labels for the first "
-                   "LABELLED signals only; distilled students see the others without labels (`LabelledOnly`) for --patience times "
-                   "the optimizer steps of scratch, and a scratch row with those steps is added")
-    p.add_argument('--patience', type=int, default=4, help='with --labelled: optimizer steps of the distilled students, as a multiple of scratch (default 4)')
+    p.add_argument('--weight', type=float, default=None, help='total distillation weight, the task loss gets the rest (default 0.9)')
+    p.add_argument('--out', default='kdcb-demo', help='folder for demo.png and results.md (default ./kdcb-demo)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads for torch (default 1: the models are tiny)')
-    p.add_argument('--no-bar', action='store_true', help="hide fastai's progress bars")
+    p.add_argument('--no-bar', action='store_true', help="print one line per epoch instead of progress bars (the default when "
+                   "the output is not a terminal)")
     return p
 
-def _check(p, a):
-    for n in ('epochs', 'seeds', 'threads'):
-        if getattr(a, n) < 1: p.error(f"--{n} must be at least 1, got {getattr(a, n)}.")
-    if a.n_train < 256: p.error(f"--n-train must be at least 256 (two batches of 128), got {a.n_train}.")
-    if a.weight is None: a.weight = 0.9 if a.labelled else 0.5
-    if a.losses is None: a.losses = 'soft_target' if a.labelled else DEFAULT_LOSSES
+def _check(p, a)->list[str]: # the loss specs; fills in the defaults that depend on --same-data
+    for n in ('n_train', 'epochs', 'long', 'teacher_epochs', 'seeds', 'threads'):
+        if getattr(a, n) < 1: p.error(f"--{n.replace('_', '-')} must be at least 1, got {getattr(a, n)}.")
+    if a.n_train < 2 * BS: p.error(f"--n-train must be at least {2 * BS} (two batches of {BS}), got {a.n_train}.")
+    if a.same_data and a.labelled is not None: p.error(
+        f"--same-data gives the students the labels of all --n-train signals; drop it or --labelled {a.labelled}.")
+    if not a.same_data:
+        default = a.labelled is None
+        if default: a.labelled = 300
+        if not 1 <= a.labelled < a.n_train: p.error(f"--labelled must be at least 1 and below --n-train ({a.n_train}), got "
+                                                    f"{a.labelled}" + (" (the default: give a smaller one)." if default else "."))
+    if a.weight is None: a.weight = 0.5 if a.same_data else 0.9
+    if a.losses is None: a.losses = DEFAULT_LOSSES if a.same_data else 'soft_target'
     if not 0 <= a.weight <= 1: p.error(f"--weight is a share of the loss, between 0 and 1; got {a.weight}.")
-    if a.labelled is not None and not 128 <= a.labelled < a.n_train: p.error(
-        f"--labelled must lie between 128 (one batch) and --n-train ({a.n_train}) minus one, got {a.labelled}.")
     specs = [s.strip() for s in a.losses.split(',') if s.strip()]
     if not specs: p.error(f"--losses is empty; registered losses: {', '.join(available_losses())}.")
     try: [parse_loss(s) for s in specs]
@@ -216,49 +243,57 @@ def _check(p, a):
 
 # %% ../nbs/08_demo.ipynb #d425bbc5
 def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
-            )->list[dict]: # the table's rows: teacher, scratch, then one per distillation loss
-    "Train a teacher, the student from scratch and with each distillation loss; print the table, write the plot"
+            )->list[dict]: # the table's rows: teacher, scratch, longer scratch, then one per distillation loss
+    "Train a teacher, the student from scratch and distilled with each loss; print the table, write the picture"
+    wall, cpu = time.perf_counter(), time.process_time()
     p = get_parser()
     a = p.parse_args(argv)
     specs = _check(p, a)
     torch.set_num_threads(a.threads) # small convolutions gain nothing from more threads, and suffer on a busy machine
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    data = mnist1d(a.n_train)
-    dls = tensor_dls(*data)
-    teacher_width, student_width = 80, 11
+    lines = a.no_bar or not sys.stdout.isatty() # progress bars redraw the line: a file or a pipe gets one line per epoch
+    N = a.n_train
+    n = N if a.same_data else a.labelled
+    x, y, xv, yv = mnist1d(N)
+    params = n_params(cnn1d(STUDENT_WIDTH))
     seeds = range(a.seed, a.seed + a.seeds)
-    print(f"MNIST-1D: {a.n_train} training / 1000 validation signals, {a.epochs} epochs, {a.seeds} seed(s); every batch randomly "
-          f"shifted and noised, seen alike by teacher and student; T={a.temperature:g} (soft_target, decoupled_kd), distillation weight {a.weight:g}")
-    student_dls, distil_dls, distil_epochs, loss_func = dls, dls, a.epochs, None
-    if a.labelled: # the common case: the teacher saw more data than the student has labels for
-        (x, y, xv, yv), n = data, a.labelled
-        student_dls, distil_dls = tensor_dls(x[:n], y[:n], xv, yv), tensor_dls(*add_unlabelled(x[:n], y[:n], x[n:]), xv, yv)
-        distil_epochs, loss_func = max(1, round(a.epochs * a.patience * n / a.n_train)), LabelledOnly()
-        print(f"Students: labels for the first {n} signals; distilled students also see the other {a.n_train - n} without labels, "
-              f"{distil_epochs} epochs ({a.patience}x the optimizer steps of scratch)")
-    def runs(name, losses=None, teacher=None, epochs=a.epochs):
-        print(name, flush=True)
-        logs, d = [], (distil_dls if losses else student_dls)
+    distilled = 'labels of all of them' if a.same_data else f"their {n:,} labels and the other {N - n:,} signals unlabelled (`LabelledOnly`)"
+    print(f"MNIST-1D, built locally: {N:,} training and {len(xv):,} validation signals; every batch randomly shifted and noised, "
+          f"the same view for teacher and student.\nTeacher: cnn1d({TEACHER_WIDTH}), {n_params(cnn1d(TEACHER_WIDTH)):,} parameters, "
+          f"all {N:,} signals labelled, {a.teacher_epochs} epochs.\nStudents: cnn1d({STUDENT_WIDTH}), {params:,} parameters, labels for "
+          f"{n:,} signals, seed{f's {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else f' {seeds[0]}'}; scratch {a.epochs}"
+          f"{f' and {a.long * a.epochs}' if a.long > 1 else ''} epochs, distilled {a.epochs} "
+          f"epochs from {distilled}, T={a.temperature:g}, weight {a.weight:g}.", flush=True)
+    def fit(name, seed, dls, epochs, model, **kw):
+        if not lines: print(f"{name}, seed {seed}", flush=True) # the bars do not say which run they show
+        return train(dls, model, epochs, aug=ShiftNoise(), bar=not lines, label=f"{name}, seed {seed}," if lines else None, seed=seed, **kw)
+    set_seed(a.seed)
+    teacher = cnn1d(TEACHER_WIDTH)
+    rows = [summarise('teacher', [fit('teacher', a.seed, tensor_dls(x, y, xv, yv, BS), a.teacher_epochs, teacher)], n_params(teacher), f"{N:,}")]
+    # an epoch is N signals for every student, so that all make the same steps per epoch: scratch sees its labelled ones repeated
+    keep = torch.arange(N) % n
+    scratch_dls = tensor_dls(x[keep], y[keep], xv, yv, BS)
+    distil_dls = scratch_dls if a.same_data else tensor_dls(*add_unlabelled(x[:n], y[:n], x[n:]), xv, yv, BS)
+    def student(name, epochs, spec=None, scratch=None):
+        logs = []
         for s in seeds: # seed `s` gives the same initial student, batch order and augmentation in every row
             set_seed(s)
-            ls = parse_loss(losses, a.temperature) if losses else None
-            for l in (ls or []): # labelled losses leave the unlabelled items out
-                if a.labelled and isinstance(l, DecoupledKD): l.ignore_index = UNLABELLED
-            logs.append(train(d, cnn1d(student_width), epochs, teacher=teacher, losses=ls,
-                              weight=a.weight, aug=ShiftNoise(), bar=not a.no_bar, seed=s, agree_with=teacher_model,
-                              loss_func=loss_func if losses else None))
-        return summarise(name, logs, n_params(cnn1d(student_width)))
-    set_seed(a.seed)
-    teacher_model = teacher = cnn1d(teacher_width)
-    print('teacher', flush=True)
-    rows = [summarise('teacher', [train(dls, teacher, a.epochs, aug=ShiftNoise(), bar=not a.no_bar, seed=a.seed)], n_params(teacher))]
-    rows.append(runs('student, scratch'))
-    if a.labelled: rows.append(runs(f'student, scratch, {a.patience}x steps', epochs=a.epochs * a.patience))
-    for s in specs: rows.append(runs(f'student, {s}' + (' + unlabelled' if a.labelled else ''), s, teacher, distil_epochs))
+            model, losses = cnn1d(STUDENT_WIDTH), parse_loss(spec, a.temperature) if spec else None
+            for l in (losses or []): # labelled losses leave the unlabelled items out
+                if isinstance(l, DecoupledKD): l.ignore_index = UNLABELLED
+            kw = dict(teacher=teacher, losses=losses, weight=a.weight, loss_func=None if a.same_data else LabelledOnly()) if spec else {}
+            logs.append(fit(name, s, distil_dls if spec else scratch_dls, epochs, model, **kw))
+        data = f"{n:,}" if a.same_data or not spec else f"{n:,} + {N - n:,} unlabelled"
+        return summarise(name, logs, params, data, scratch)
+    rows.append(student('student, scratch', a.epochs))
+    scratch = rows[-1]['logs']
+    if a.long > 1: rows.append(student(f'student, scratch, {a.long}x steps', a.long * a.epochs, scratch=scratch))
+    for s in specs: rows.append(student(f'student, {s}' + ('' if a.same_data else ' + unlabelled'), a.epochs, s, scratch))
     table = markdown_table(rows)
-    plot_runs(rows, out/'demo.png')
+    plot_change(rows, scratch, out/'demo.png')
     (out/'results.md').write_text(table + '\n')
-    print(f"\n{table}\n\nplot: {out/'demo.png'}")
+    print(f"\n{table}\n\npicture: {out/'demo.png'}; table: {out/'results.md'}; "
+          f"{time.perf_counter() - wall:.0f} s, process CPU time {time.process_time() - cpu:.0f} s")
     return rows
 
 def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)

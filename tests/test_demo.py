@@ -1,43 +1,101 @@
-"The demo command end to end at tiny settings, and its option errors"
-import subprocess, sys
+"The demo command end to end at tiny settings: its rows, its one table, its output to a file, and its option errors"
+import contextlib, io, re, statistics, subprocess, sys
 import pytest, torch
-from kdcb.demo import run_demo
+from kdcb.demo import run_demo, main, get_parser
 
 torch.set_num_threads(1)
-TINY = ['--epochs', '2', '--seeds', '2', '--n-train', '512', '--no-bar']
+# teacher on 512 signals, students with labels for 64; 2 student epochs (4 for the longer scratch), 1 teacher epoch
+TINY = ['--n-train', '512', '--labelled', '64', '--epochs', '2', '--long', '2', '--teacher-epochs', '1', '--seeds', '2']
+COLUMNS = '| model | labelled signals | optimizer steps | accuracy (%) | vs scratch (points) | parameters |'
 
 
-@pytest.mark.slow
-def test_main_rows_table_and_plot(tmp_path, capsys):
-    rows = run_demo(TINY + ['--losses', 'soft_target,attention+soft_target', '--out', str(tmp_path)])
-    assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, soft_target', 'student, attention+soft_target']
-    assert rows[0]['params'] > 40 * rows[1]['params']  # a big teacher, a small student
-    assert len({r['params'] for r in rows[1:]}) == 1  # the same student in every row
-    for r in rows:
-        assert 0 <= r['acc'] <= 100 and r['std'] >= 0 and r['s_per_epoch'] > 0
-        assert len(r['logs']) == (1 if r['name'] == 'teacher' else 2) and all(len(l.accs) == 2 for l in r['logs'])
-    assert rows[0]['acc'] > 15  # seeded; ten classes: chance is 10%
+def test_rows_table_and_picture(tmp_path, capsys):
+    rows = run_demo(TINY + ['--losses', 'soft_target,decoupled_kd', '--out', str(tmp_path)])
+    assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, scratch, 2x steps',
+                                         'student, soft_target + unlabelled', 'student, decoupled_kd + unlabelled']
+    assert [r['data'] for r in rows] == ['512', '64', '64', '64 + 448 unlabelled', '64 + 448 unlabelled']
+    # every student epoch is 512 items, 4 batches of 128: the distilled students make the steps of the shorter scratch
+    assert [r['steps'] for r in rows] == [4, 8, 16, 8, 8]
+    assert rows[0]['params'] > 10 * rows[1]['params'] and len({r['params'] for r in rows[1:]}) == 1
+    scratch = [100 * l.accs[-1] for l in rows[1]['logs']]
+    for r in rows[2:]:  # the change against scratch is paired by seed
+        d = [100 * l.accs[-1] - s for l, s in zip(r['logs'], scratch)]
+        assert r['change'] == pytest.approx(statistics.mean(d)) and r['change_std'] == pytest.approx(statistics.stdev(d))
+    assert rows[0]['change'] is None and rows[1]['change'] is None and len(rows[0]['logs']) == 1
     out = capsys.readouterr().out
-    assert '| model | accuracy (%) | parameters | s / epoch |' in out
-    assert '| student, attention+soft_target |' in out and f"{rows[1]['params']:,}" in out
-    png = tmp_path / 'demo.png'
-    assert png.exists() and png.read_bytes()[:4] == b'\x89PNG'
-    assert (tmp_path / 'results.md').read_text().count('\n') == 6
+    table = out[out.index(COLUMNS):].split('\n\n')[0].splitlines()
+    assert len(table) == 2 + len(rows) and out.count(COLUMNS) == 1  # one table
+    assert table[2].startswith('| teacher | 512 | 4 | ') and table[2].endswith('|  | 35,010 |')
+    assert re.fullmatch(r'\| student, soft_target \+ unlabelled \| 64 \+ 448 unlabelled \| 8 \| \d+\.\d ± \d+\.\d \| [+-]\d+\.\d ± \d+\.\d \| 2,936 \|', table[5])
+    assert (tmp_path / 'results.md').read_text().splitlines() == table
+    assert (tmp_path / 'demo.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_one_line_per_epoch_to_a_file(tmp_path):
+    "To a file, `kdcb-demo` writes one line per epoch of every run, then the table: no progress-bar redraws"
+    log = tmp_path / 'log'
+    with open(log, 'w') as f, contextlib.redirect_stdout(f): main(TINY + ['--out', str(tmp_path)])
+    text = log.read_text()
+    assert '\r' not in text and '\x1b' not in text
+    lines = text.splitlines()
+    epochs = [l for l in lines if re.match(r'.*, seed \d, epoch \d+/\d+, step \d+: validation accuracy \d+\.\d% \(\d+\.\d s\)$', l)]
+    assert len(epochs) == 1 + 2 * (2 + 4 + 2)  # teacher 1 epoch; per seed: scratch 2, longer scratch 4, distilled 2
+    assert epochs[0].startswith('teacher, seed 0, epoch 1/1, step 4:') and epochs[-1].startswith('student, soft_target + unlabelled, seed 1, epoch 2/2, step 8:')
+    assert lines[3:3 + len(epochs)] == epochs  # after three lines of settings
+    assert lines[3 + len(epochs):] == ['', *(tmp_path / 'results.md').read_text().splitlines(), '', lines[-1]]
+    assert lines[-1].startswith(f"picture: {tmp_path / 'demo.png'}; table: ") and 'process CPU time' in lines[-1]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self): return True
+
+
+def test_bars_on_a_terminal(tmp_path):
+    "On a terminal the runs show progress bars, announced by name, and no epoch lines; --no-bar prints the lines there too"
+    out = FakeTerminal()
+    with contextlib.redirect_stdout(out): run_demo(TINY + ['--seeds', '1', '--long', '1', '--out', str(tmp_path)])
+    text = out.getvalue()
+    assert 'validation accuracy' not in text
+    assert [l for l in text.splitlines() if l.endswith(', seed 0')] == ['teacher, seed 0', 'student, scratch, seed 0', 'student, soft_target + unlabelled, seed 0']
+    out = FakeTerminal()
+    with contextlib.redirect_stdout(out): run_demo(TINY + ['--seeds', '1', '--long', '1', '--out', str(tmp_path), '--no-bar'])
+    assert out.getvalue().count('validation accuracy') == 1 + 2 + 2
+
+
+def test_same_data(tmp_path):
+    "--same-data: the students get the teacher's labelled signals, the losses default to the three output and feature losses"
+    rows = run_demo(['--same-data', '--n-train', '512', '--epochs', '1', '--teacher-epochs', '1', '--seeds', '1', '--long', '1',
+                     '--out', str(tmp_path)])
+    assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, soft_target', 'student, decoupled_kd',
+                                         'student, attention+soft_target']
+    assert {r['data'] for r in rows} == {'512'} and {r['steps'] for r in rows[1:]} == {4}
 
 
 def test_seeds_change_students(tmp_path):
-    rows = run_demo(['--epochs', '1', '--seeds', '2', '--n-train', '512', '--no-bar', '--losses', 'decoupled_kd', '--out', str(tmp_path)])
+    rows = run_demo(TINY + ['--epochs', '1', '--long', '1', '--out', str(tmp_path)])
+    assert [len(r['logs']) for r in rows] == [1, 2, 2]
     l0, l1 = rows[1]['logs']
     assert l0.accs != l1.accs  # two seeds, two different students
+
+
+def test_help():
+    h = get_parser().format_help()
+    for opt in ('--same-data', '--labelled', '--long', '--teacher-epochs', '--no-bar', '--out'): assert opt in h
 
 
 @pytest.mark.parametrize('args, msg', [
     (['--losses', 'soft_target,sotf_target'], "Unknown loss 'sotf_target'"),
     (['--losses', 'attention+nope'], 'Registered losses: activation_boundaries, attention'),
     (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--teacher-epochs', '0'], '--teacher-epochs must be at least 1'),
+    (['--long', '0'], '--long must be at least 1'),
     (['--seeds', '0'], '--seeds must be at least 1'),
     (['--threads', '0'], '--threads must be at least 1'),
     (['--n-train', '10'], '--n-train must be at least 256'),
+    (['--n-train', '300'], '--labelled must be at least 1 and below --n-train (300), got 300 (the default: give a smaller one).'),
+    (['--labelled', '0'], '--labelled must be at least 1 and below --n-train (8000), got 0.'),
+    (['--n-train', '512', '--labelled', '600'], '--labelled must be at least 1 and below --n-train (512), got 600.'),
+    (['--same-data', '--labelled', '100'], '--same-data gives the students the labels of all --n-train signals; drop it or --labelled 100.'),
     (['--weight', '1.5'], '--weight is a share'),
     (['--losses', ','], '--losses is empty'),
 ])
@@ -51,19 +109,8 @@ def test_bad_options(args, msg, capsys, tmp_path):
 @pytest.mark.slow
 def test_python_m(tmp_path):
     "`python -m kdcb.demo` runs the console script's `main`: exit status 0, the table printed, nothing else returned"
-    r = subprocess.run([sys.executable, '-m', 'kdcb.demo', '--epochs', '1', '--seeds', '1', '--n-train', '256', '--losses', 'soft_target',
-                        '--out', str(tmp_path), '--no-bar'], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-m', 'kdcb.demo', *TINY, '--seeds', '1', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert '| student, soft_target |' in r.stdout and "'logs'" not in r.stdout
+    assert '| student, soft_target + unlabelled |' in r.stdout and "'logs'" not in r.stdout
     assert (tmp_path / 'demo.png').exists()
-
-
-def test_labelled_mode(tmp_path):
-    "--labelled: the teacher sees every signal, students labels for some; distilled students get the rest unlabelled"
-    rows = run_demo(['--epochs', '2', '--seeds', '1', '--n-train', '512', '--labelled', '128', '--losses', 'soft_target,decoupled_kd',
-                     '--out', str(tmp_path), '--no-bar'])
-    assert [r['name'] for r in rows] == ['teacher', 'student, scratch', 'student, scratch, 4x steps',
-                                         'student, soft_target + unlabelled', 'student, decoupled_kd + unlabelled']
-    assert len(rows[2]['logs'][0].accs) == 8 and len(rows[3]['logs'][0].accs) == 2 # 2·4·128/512 epochs: 4x the steps of scratch
-    assert all(r['logs'][0].agree for r in rows[1:]) # agreement with the teacher, every student
-    with pytest.raises(SystemExit): run_demo(['--n-train', '512', '--labelled', '600'])
