@@ -13,7 +13,8 @@ import fastai, sklearn
 from sklearn.datasets import load_digits
 from fastai.torch_core import set_seed
 from kdcb.all import *
-from kdcb.demo import mnist1d, tensor_dls, ShiftNoise, cnn1d, n_params, train, parse_loss
+from kdcb.data import tensor_dls
+from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params, train, parse_loss
 
 OUTPUT_LOSSES = ['soft_target', 'logits', 'mutual', 'decoupled_kd', 'decoupled_kd beta=2', 'normalized_kd', 'logits_distillation_loss', 'mft_loss', 'dist']
 WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the README); every other loss `--weight`

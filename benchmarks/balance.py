@@ -57,7 +57,7 @@ import fastai.callback.schedule, fastai.callback.progress # Learner.fit_one_cycl
 from kdcb.all import *
 from kdcb.distill import RatioBalance, UncertaintyBalance, GradNorm
 from kdcb.multilabel import SigmoidKD
-from kdcb.demo import TensorDL
+from kdcb.data import TensorDL
 
 torch.set_num_threads(1)
 

@@ -58,8 +58,8 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 import fastai.callback.schedule  # Learner.fit_one_cycle
 from kdcb.all import *
-from kdcb.multilabel import DetectionHeadKD, ImportanceFeatureKD
-from kdcb.unlabelled import UNLABELLED
+from kdcb.detection import DetectionHeadKD, ImportanceFeatureKD
+from kdcb.data import UNLABELLED
 
 K, CANVAS, STRIDE = 10, 32, 4 # classes, canvas side, pixels per grid cell
 GRID = CANVAS // STRIDE

@@ -148,7 +148,7 @@ class Bench:
         if m.loss is None: return []
         loss = make_loss(m, T)
         if loss is None: return None
-        kd = KnowledgeDistillationCallback(self.teacher, loss, weight=self.a.weight, shift_labels=True, attention_mask=1)
+        kd = KnowledgeDistillationCallback(self.teacher, loss, weight=self.a.weight, outputs=Outputs(shift_labels=True, attention_mask=1))
         if m.lmbda is None: return [kd]
         return [kd, OnPolicy(lmbda=m.lmbda, max_new_tokens=self.a.L - self.a.prompt, prompt=self.a.prompt, pad_token_id=0,
                              eos_token_id=self.no_eos, top_k=0)]
@@ -230,9 +230,9 @@ class Setup:
     def callback(self, variant):
         "The distillation callback of `variant` (None for scratch): T and weight as in the perplexity runs"
         soft = SoftTarget(T=self.a.T)
-        if variant == 'soft_target': return KnowledgeDistillationCallback(self.teacher, soft, weight=self.a.weight, shift_labels=True)
+        if variant == 'soft_target': return KnowledgeDistillationCallback(self.teacher, soft, weight=self.a.weight, outputs=Outputs(shift_labels=True))
         return KnowledgeDistillationCallback(self.teacher, [soft, Connected(HiddenStateCosine(), self.pairs.connectors())],
-                                             self.pairs['student'], self.pairs['teacher'], weight=[0.45, 0.05], shift_labels=True)
+                                             self.pairs['student'], self.pairs['teacher'], weight=[0.45, 0.05], outputs=Outputs(shift_labels=True))
 
     def fit(self, variant, seed):
         "Training-phase (wall, CPU) times of epochs 2+ of one fit of `variant` ('teacher': inference alone, same batches)"

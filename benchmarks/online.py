@@ -24,7 +24,8 @@ from fastai.torch_core import set_seed
 import fastai.callback.progress, fastai.callback.schedule
 from kdcb.callback import KnowledgeDistillationCallback
 from kdcb.losses import SoftTarget
-from kdcb.demo import mnist1d, tensor_dls, ShiftNoise, cnn1d, n_params
+from kdcb.data import tensor_dls
+from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params
 from kdcb.online import EMATeacher, MutualLearning, DeepSupervision, born_again, teacher_chain
 
 

@@ -30,7 +30,7 @@ A recipe is a string of ':'-separated fields:
                           w its share), `UncertaintyBalance(w)` (learned log-variances, w the prior weight) or
                           `GradNorm(w)` (gradient norms on the classifier, or with nce/crd on the last conv stage, kept in
                           the proportion w : 1 - w); w= is then the share or prior, not a fixed weight
-    u                     add the other teacher signals WITHOUT labels (`kdcb.unlabelled`): they carry the
+    u                     add the other teacher signals WITHOUT labels (`kdcb.data`): they carry the
                           distillation loss only; an epoch then covers all 16,000 signals
     rep=4                 with `u`: repeat the labelled signals this many times in the training set
   lr=3e-3                 peak learning rate (default --lr)
@@ -53,8 +53,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from kdcb.all import *
-from kdcb.demo import mnist1d, tensor_dls, ShiftNoise, cnn1d, n_params
-from kdcb.unlabelled import UNLABELLED, add_unlabelled, LabelledOnly
+from kdcb.data import tensor_dls, UNLABELLED, add_unlabelled, LabelledOnly
+from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params
 
 # the question of issue 15 and the hypotheses about it, at 60 epochs: temperature, learning rate (the optimisation budget),
 # unlabelled data at the same number of steps and with four times as many ("patient"), and scratch given those steps too

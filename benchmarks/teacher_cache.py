@@ -1,4 +1,4 @@
-"""Cost of a training epoch after the first with `cache_teacher=True` vs without, on MNIST-1D (built locally).
+"""Cost of a training epoch after the first with a `CachedTeacher` vs without, on MNIST-1D (built locally).
 
 Run: python benchmarks/teacher_cache.py [--repeats 5] [--n-train 4000]
 Prints the environment, per-epoch medians over repeats and their ratio, all measured in this one process."""
@@ -41,7 +41,7 @@ def main(repeats=5, n_train=4000, epochs=4):
             timer = EpochTimes()
             learn = Learner(dls, cnn(16), loss_func=CrossEntropyLossFlat(), cbs=timer)
             with learn.no_bar(), learn.no_logging():
-                learn.fit(epochs, 1e-3, cbs=KnowledgeDistillationCallback(teacher, 'soft_target', cache_teacher=cache))
+                learn.fit(epochs, 1e-3, cbs=KnowledgeDistillationCallback(CachedTeacher(teacher) if cache else teacher, 'soft_target'))
             res[cache] += timer.times[1:]  # epochs 2+
     print(f"torch {torch.__version__}, fastai {fastai.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device cpu; MNIST-1D {n_train} training samples, teacher 1-D CNN "

@@ -12,11 +12,14 @@ from .match import *
 from .teachers import *
 from .distill import *
 from .callback import *
-from .unlabelled import *
+from .data import *
 from .online import *
 from .contrastive import *
 from .multilabel import *
+from .detection import *
 from .lm import *
-from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel, lm
+from .fasterai import get_model_layers, fasterai_schedule # fasterai's callback: `from kdcb.fasterai import *`
+from . import core, losses, match, teachers, distill, callback, data, online, contrastive, multilabel, detection, lm
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
-           *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *lm.__all__]
+           *data.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *detection.__all__, *lm.__all__,
+           'get_model_layers', 'fasterai_schedule']

@@ -5,14 +5,16 @@
 # %% ../nbs/05_callback.ipynb #5461df14
 from __future__ import annotations
 from typing import Callable
-import math, warnings
-import torch
+import copy, math, warnings
+import cloudpickle, torch
 import torch.distributed as dist
 from torch import nn, Tensor
 from fastai.callback.core import Callback
+from fastai.callback.mixup import MixHandler
+from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
-from fastcore.basics import store_attr, noop
+from fastcore.basics import store_attr, noop, patch
 from fastcore.foundation import L
 from .core import *
 from .teachers import *
@@ -20,8 +22,8 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitGuard', 'ColumnsCallback',
-           'class_axis', 'OutputAlignment', 'KnowledgeDistillationCallback']
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitCallback', 'WeightLog',
+           'class_axis', 'Outputs', 'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #1fa0dceb
 class LossColumns(Callback):
@@ -47,19 +49,18 @@ class LossColumns(Callback):
             "by a zero norm), its inputs and the learning rate.")
 
     def before_fit(self):
-        rec, self.fitting, self.check_next = self.learn.recorder, True, True
+        rec, self.check_next = self.learn.recorder, True
         i = len(rec.metric_names) - (rec.metric_names[-1:] == ['time'])
         rec.metric_names = rec.metric_names[:i] + L(self.names) + rec.metric_names[i:]
     def before_train(self): self.sums, self.n = None, 0
     def after_validate(self): # the epoch's row is being written: validation values are in, `time` is not yet
-        if not getattr(self, 'fitting', False): return
         avg = self.averages()
         if self.sums is not None: self._check_finite(avg, f'in epoch {self.epoch}')
         self.learn.recorder.log += avg
     def after_fit(self): self.fitting = False
 
 # %% ../nbs/05_callback.ipynb #0b8e238b
-def finding_lr(learn:Learner)->bool: return any(type(c).__name__ == 'LRFinder' for c in learn.cbs) # is this fit `lr_find`'s?
+def finding_lr(learn:Learner)->bool: return any(isinstance(c, LRFinder) for c in learn.cbs) # is this fit `lr_find`'s?
 
 def join_optimizer(opt, # the learner's optimizer
                    params:list, # parameters to train with the model, in its last parameter group
@@ -77,14 +78,20 @@ def leave_optimizer(opt, # the learner's optimizer
     opt.param_lists[-1] = L(p for p in opt.param_lists[-1] if id(p) not in ids)
     return states
 
+def _copy_state(state:dict)->dict: # an optimizer state with its tensors copied
+    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
 class TrainedParts:
     "Modules trained with the learner's model but outside it (connectors, peers, heads), for the length of a fit"
     def __init__(self): self.modules, self.params, self.saved, self.last, self._snap = [], [], [], [], None
 
     def enter(self, learn:Learner, modules:list[nn.Module]): # at `before_fit`
-        "Take `modules` into this fit; `lr_find` (which trains at rates up to 10) gets a copy of their state to put back"
+        "Take `modules` into this fit; `lr_find` (which trains at rates up to 10) gets a copy of their values and optimizer state to put back"
         self.modules = list(modules)
-        self._snap = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules] if finding_lr(learn) else None
+        if not finding_lr(learn): self._snap = None; return
+        params, opt = [p for m in self.modules for p in m.parameters() if p.requires_grad], learn.opt
+        states = self.saved or [opt.state.get(p, {}) if opt is not None else {} for p in params] # what the next `join` would load
+        self._snap = snapshot(self.modules), [_copy_state(s) for s in states]
 
     def join(self, opt): # at `before_train`: once the fit has saved the optimizer (lr_find, checkpoints)
         "Their trainable parameters join the optimizer's last group, with the optimizer state loaded into `saved`, if any"
@@ -99,8 +106,10 @@ class TrainedParts:
                 if p.grad is not None: dist.all_reduce(p.grad); p.grad /= dist.get_world_size()
 
     def restore(self): # at `after_fit`
-        "After `lr_find`: their state as before it"
-        for m, s in zip(self.modules, self._snap or []): m.load_state_dict(s)
+        "After `lr_find`: their values as before it, and the optimizer state they had, for the next fit to load"
+        if self._snap is None: return
+        load_snapshot(self.modules, self._snap[0])
+        self.saved = self._snap[1] if any(self._snap[1]) else []
 
     def leave(self, learn:Learner|None): # when the callback cleans up; safe to repeat
         "Out of the optimizer again, keeping their optimizer state in `last`"
@@ -112,52 +121,76 @@ class TrainedParts:
         state = [opt.state.get(p, {}) for p in self.params] if self.params and opt is not None else self.last
         return list(state) if any(state) else []
 
-class FitGuard:
-    "Runs a learner's events; when an exception leaves its fit, first calls `_cleanup` of the guarded callbacks"
-    def __init__(self, learn:Learner): self.learn, self.cbs = learn, []
-    def __call__(self, f, event_type, ex, final=noop): # `Learner._with_events`'s arguments
-        try: return type(self.learn)._with_events(self.learn, f, event_type, ex, final)
-        except BaseException:
-            if event_type == 'fit':
-                for cb in self.cbs: cb._cleanup(self.learn)
-            raise
-
-    @staticmethod
-    def add(learn:Learner, cb:Callback): # guard `cb` while it is on `learn`
-        g = learn.__dict__.get('_with_events')
-        if not isinstance(g, FitGuard): g = learn.__dict__['_with_events'] = FitGuard(learn)
-        if cb not in g.cbs: g.cbs.append(cb)
-
-    @staticmethod
-    def remove(learn:Learner, cb:Callback):
-        g = learn.__dict__.get('_with_events')
-        if isinstance(g, FitGuard):
-            g.cbs = [c for c in g.cbs if c is not cb]
-            if not g.cbs: del learn.__dict__['_with_events']
-
-class ColumnsCallback(Callback):
-    "Base of callbacks with progress columns (`self.columns`): they follow it on and off a learner; leaving or a raising fit cleans up"
-    @property
-    def learn(self)->Learner|None: return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, learn): # fastai attaches and detaches callbacks by setting `learn`
-        old = self.__dict__.get('_learn')
-        if old is not None and learn is not None and old is not learn and self in old.cbs: raise ValueError(
-            f"This {type(self).__name__} is already attached to another Learner: create one callback per learner.")
-        if learn is None and old is not None:
-            self._cleanup(old)
-            FitGuard.remove(old, self)
-            if self.columns in old.cbs: old.remove_cb(self.columns)
-        self.__dict__['_learn'] = learn
-        if learn is not None:
-            FitGuard.add(learn, self)
-            if self.columns not in learn.cbs: learn.add_cb(self.columns)
-
-    def _cleanup(self, learn:Learner|None): "Undo what the fit set up; safe to repeat"
+# %% ../nbs/05_callback.ipynb #3d6a6dc4
+class FitCallback(Callback):
+    "Base of kdcb's callbacks: they serve training only (`export` leaves them out) and `cleanup` after a fit that raised"
+    columns:LossColumns|None = None # progress columns, attached with the callback for the length of each fit
+    def cleanup(self): "Undo what the fit set up: called after a fit that raised, and by the callback's `after_fit`; safe to repeat"
 
     @property
     def column_names(self)->list[str]: return self.columns.names # e.g. 'task_loss', then one per distillation loss
     def averages(self)->list: return self.columns.averages() # this epoch's training averages, in the order of `column_names`
+
+# %% ../nbs/05_callback.ipynb #1696b1e5
+_fastai_with_events = getattr(Learner._with_events, 'fastai', Learner._with_events) # fastai's own, also if this cell runs twice
+
+@patch
+def _with_events(self:Learner, f, event_type, ex, final=noop):
+    "fastai's `_with_events`; a 'fit' runs with the `FitCallback`s' columns attached, and calls their `cleanup` if it raises"
+    if event_type != 'fit': return _fastai_with_events(self, f, event_type, ex, final)
+    mine = [c for c in self.cbs if isinstance(c, FitCallback)]
+    if other := [type(c).__name__ for c in mine if c.learn is not self]: raise ValueError(
+        f"This {other[0]} is attached to another Learner too: create one callback per learner.")
+    cols = [c.columns for c in mine if c.columns is not None and c.columns not in self.cbs]
+    try:
+        with self.added_cbs(cols): return _fastai_with_events(self, f, event_type, ex, final)
+    except BaseException:
+        for c in mine: c.cleanup()
+        raise
+Learner._with_events.fastai = _fastai_with_events
+
+# %% ../nbs/05_callback.ipynb #4ea6b94d
+_fastai_export = getattr(Learner.export, 'fastai', Learner.export)
+
+@patch
+def export(self:Learner, fname='export.pkl', pickle_module=cloudpickle, pickle_protocol=2):
+    "fastai's `export`, without kdcb's callbacks: they serve training, and `load_learner` needs none of them"
+    with self.removed_cbs([c for c in self.cbs if isinstance(c, FitCallback)]):
+        return _fastai_export(self, fname, pickle_module=pickle_module, pickle_protocol=pickle_protocol)
+Learner.export.fastai = _fastai_export
+
+# %% ../nbs/05_callback.ipynb #bb9d749a
+class WeightLog(FitCallback):
+    "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
+    order = 56 # after `LossColumns` (55) has added the batch to its sums
+    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.rows = prefix, [], {} # which columns to keep
+
+    def before_train(self):
+        if self.epoch == 0: self.pct, self.rows = [], {} # a new fit (not `before_fit`, which `validate` also fires)
+    def after_batch(self): # kept as tensors: no device sync per batch
+        if not self.training: return
+        for c in self.learn.cbs:
+            if not isinstance(c, LossColumns) or c.last is None: continue
+            for i, name in enumerate(c.names):
+                if name.startswith(self.prefix): self.rows.setdefault(name, []).append(c.last[i])
+        if self.rows: self.pct.append(float(self.pct_train))
+
+    @property
+    def weights(self)->dict[str, list[float]]: # column name -> its value at every recorded batch
+        return {n: torch.stack(v).tolist() for n, v in self.rows.items()}
+
+    def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
+             log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
+            ): # the axis
+        "The recorded weights against training progress"
+        if not self.rows: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
+                                              "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
+        import matplotlib.pyplot as plt
+        if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+        for name, w in self.weights.items(): ax.plot(self.pct[-len(w):], w, label=name)
+        if log: ax.set_yscale('log')
+        ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
+        return ax
 
 # %% ../nbs/05_callback.ipynb #ff06d3cd
 def class_axis(loss_func, # the learner's task loss
@@ -171,23 +204,32 @@ def class_axis(loss_func, # the learner's task loss
         "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
     return -1 if axis is None else axis
 
-class OutputAlignment:
-    "What output losses compare on a batch: each model's output as a tensor with the classes last, the target aligned and masked"
+class Outputs:
+    "What output losses compare: what to take from each model's output, and how to align it with the target"
     def __init__(self, output_fn:Callable|None=None, # what to take from a model's output (default `output_tensor`: `.logits` or the first tensor)
                  shift_labels:bool=False, # causal LMs with `labels = input_ids` (Hugging Face's convention): logit i is scored against target i+1
                  attention_mask:int|Callable|None=None, # the batch's (B, L) mask, 0 for padding: index into `xb`, or a function of `xb`
-                 label_free:list[str]=(), # names of output losses that take no target (warned about if the target masks positions)
-                 classes:bool=True, # whether a loss compares the outputs over classes (else no class axis is needed, e.g. detection heads)
-                ): store_attr(); self.checked = False
+                ):
+        if output_fn is not None and not callable(output_fn): raise TypeError(
+            f"output_fn={output_fn!r} must be a function of a model's output (or None for its logits / first tensor).")
+        if not isinstance(shift_labels, bool): raise TypeError(f"shift_labels={shift_labels!r} must be True or False.")
+        if not (attention_mask is None or callable(attention_mask) or isinstance(attention_mask, int)): raise TypeError(
+            f"attention_mask={attention_mask!r} must be an index into the batch inputs `xb`, a function of `xb`, or None.")
+        store_attr()
 
-    def __call__(self, learn:Learner, teacher_pred)->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and both raw outputs
+    def __repr__(self): return f"Outputs(output_fn={self.output_fn!r}, shift_labels={self.shift_labels}, attention_mask={self.attention_mask!r})"
+
+    def align(self, learn:Learner, teacher_pred, # the learner at `after_loss`, and the teacher's output for its batch
+              classes:bool=True, # whether the losses compare the outputs over classes (else no class axis is needed, e.g. detection heads)
+             )->dict: # `pred`, `teacher_pred`, `target`, `attention_mask` and both raw outputs
+        "The sources output losses are given for this batch"
         pred, tp = self.tensor(learn.pred, 'the student output'), self.tensor(teacher_pred, 'the teacher output')
-        axis = class_axis(learn.loss_func, pred) if self.classes else -1
+        axis = class_axis(learn.loss_func, pred) if classes else -1
         pred, tp = pred.movedim(axis, -1), tp.movedim(axis, -1) # output losses take the classes last
         target, am = plain(learn.yb[0]) if len(learn.yb) == 1 else learn.yb, self.mask(learn.xb)
         if self.shift_labels:
             if not isinstance(target, Tensor) or target.ndim < 2 or pred.ndim < 3: raise ValueError(
-                f"shift_labels=True aligns (B, L, V) logits with (B, L) labels, got logits {tuple(pred.shape)} and target "
+                f"Outputs(shift_labels=True) aligns (B, L, V) logits with (B, L) labels, got logits {tuple(pred.shape)} and target "
                 f"{getattr(target, 'shape', type(target).__name__)}: use it for causal language models only.")
             pred, tp, target = pred[:, :-1], tp[:, :-1], target[:, 1:] # logit i predicts token i+1
         if am is not None and isinstance(target, Tensor) and not target.is_floating_point():
@@ -195,7 +237,6 @@ class OutputAlignment:
             if keep.shape != target.shape: raise ValueError(f"attention_mask {tuple(am.shape)} does not fit the target "
                                                             f"{tuple(learn.yb[0].shape)}: it must be (B, L) like the token ids.")
             target = target.masked_fill(keep == 0, -100) # padding is left out by every loss that masks `ignore_index`
-        if not self.checked: self.checked = self.warn_unmasked(target)
         return dict(pred=pred, teacher_pred=tp, target=target, attention_mask=am, student_output=learn.pred, teacher_output=teacher_pred)
 
     def tensor(self, o, what:str)->Tensor: return output_tensor(o if self.output_fn is None else self.output_fn(o), what)
@@ -205,24 +246,19 @@ class OutputAlignment:
         if a is None: return None
         if callable(a): return plain(a(xb))
         if not -len(xb) <= a < len(xb): raise IndexError(
-            f"attention_mask={a} is an index into the batch inputs `xb`, which hold {len(xb)} tensor(s).")
+            f"Outputs(attention_mask={a}) is an index into the batch inputs `xb`, which hold {len(xb)} tensor(s).")
         return plain(xb[a])
 
-    def warn_unmasked(self, target)->bool:
-        if self.label_free and isinstance(target, Tensor) and not target.is_floating_point() and bool((target == -100).any()):
-            warnings.warn(f"This batch's target marks positions to leave out (-100), but {list(self.label_free)} take no target, "
-                          "so they count those positions too (padding, prompts). Use a loss that masks, e.g. `SoftTarget(T=...)` "
-                          "for `LogitsDistillationLoss(temperature=...)`.")
-        return True
+def _warn_unmasked(label_free:list[str], target):
+    "Warn when the target marks positions to leave out that losses without a target count anyway"
+    if label_free and isinstance(target, Tensor) and not target.is_floating_point() and bool((target == -100).any()):
+        warnings.warn(f"This batch's target marks positions to leave out (-100), but {list(label_free)} take no target, "
+                      "so they count those positions too (padding, prompts). Use a loss that masks, e.g. `SoftTarget(T=...)` "
+                      "for `LogitsDistillationLoss(temperature=...)`.")
 
 # %% ../nbs/05_callback.ipynb #a74ebf0d
-def _layer_names(student_layers, teacher_layers, activations_student, activations_teacher):
+def _layer_names(student_layers, teacher_layers):
     "Validated (student, teacher) layer names: lists paired one to one, 'auto', or none"
-    if activations_student is not None or activations_teacher is not None: # fasterai's names for the same arguments
-        if student_layers is not None or teacher_layers is not None: raise ValueError(
-            "Pass the layers either as `student_layers`/`teacher_layers` or as fasterai's `activations_student`/"
-            "`activations_teacher`, not both.")
-        student_layers, teacher_layers = activations_student, activations_teacher
     if 'auto' in (student_layers, teacher_layers):
         if {student_layers, teacher_layers} - {'auto', None}: raise ValueError(
             "student_layers='auto' pairs both models' layers itself: leave teacher_layers out (or 'auto' too).")
@@ -244,43 +280,23 @@ def _check_features(kd_loss:DistillationLoss, layers, teacher_layers, teacher:Te
                                                       "and `teacher_layers` (for example from `match_feature_layers`), or 'auto'.")
     if len(layers) and not needs_fm: warnings.warn("Layers were given but no loss uses feature maps: they are hooked for nothing.")
     if len(layers) and teacher.model is None: raise ValueError(
-        f"{type(teacher).__name__} has no model whose layers can be hooked (cache_teacher keeps the teacher's outputs only), "
-        "but feature losses need the teacher's activations at every batch: drop the teacher layers or set cache_teacher=False.")
+        f"{type(teacher).__name__} has no model whose layers can be hooked (a CachedTeacher keeps the teacher's outputs only), "
+        "but feature losses need the teacher's activations at every batch: drop the teacher layers or give the teacher itself.")
     if isinstance(layers, L):
         for n in teacher_layers: get_module(teacher.model, n, 'teacher') # a wrong name fails now, listing the closest ones
 
-def _first_param(model:nn.Module): return next(model.parameters(), None)
-
 def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
     "Losses that need each item's true class cannot follow MixUp/CutMix, whose items have two classes"
-    mix = [type(c).__name__ for c in learn.cbs if any(k.__name__ == 'MixHandler' for k in type(c).__mro__)]
+    mix = [type(c).__name__ for c in learn.cbs if isinstance(c, MixHandler)]
     labelled = [t.name for t in kd_loss.terms if getattr(t.loss, 'needs_labels', False)]
     if mix and labelled: raise ValueError(
         f"{mix[0]} mixes pairs of items, so each item has two classes, but {labelled} need one true class per item: they "
         "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
         "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
 
-def _pairs_on_data(learn:Learner, teacher_model:nn.Module):
-    "Layer pairs matched on one batch of the learner's data (the validation set's: drawing it changes no shuffling state)"
-    dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
-    b = dl.one_batch()
-    return auto_pairs(learn.model, teacher_model, b[:getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)])
-
-class _FasteraiNames:
-    "fasterai's attribute names on the distillation callback, for code written against fasterai"
-    @property
-    def weight(self): return self.kd_loss.weights[0] if len(self.kd_loss.weights) == 1 else self.kd_loss.weights
-    @property
-    def current_weight(self)->float: return sum(self.kd_loss.current) # the total distillation weight at this batch
-    @property
-    def activations_student(self): return self.student_layers
-    @property
-    def activations_teacher(self): return self.teacher_layers
-
-class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
+class KnowledgeDistillationCallback(FitCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
-    _stateattrs = ('_teacher', 'kd_loss', 'parts', 'student_hooks', 'teacher_hooks', 'teacher_pred') # `export` writes the student alone
 
     def __init__(self,
                  teacher:nn.Module|Learner|list|TeacherSource, # the trained teacher (a model or `Learner`), a list of them, or a source
@@ -290,53 +306,44 @@ class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
                  weight:float|Callable|list=0.5, # total distillation weight (split evenly), a schedule, or one per loss
                  schedule:Callable|None=None, # optional multiplier of every weight, a callable of `pct_train`
                  distill_valid:bool=False, # also mix the distillation losses into the validation loss
-                 activations_student:list[str]|None=None, # fasterai's name for `student_layers`
-                 activations_teacher:list[str]|None=None, # fasterai's name for `teacher_layers`
-                 teacher_weights:list[float]|None=None, # several teachers: weights of their outputs' mean (default equal)
-                 feature_teacher:int=0, # several teachers: index of the one whose `teacher_layers` are hooked
-                 teacher_device:str|torch.device|None=None, # where the teacher runs (default: the student's device)
-                 teacher_dtype:torch.dtype|None=None, # convert the teacher to this dtype for the fit, e.g. `torch.bfloat16`
-                 cache_teacher:bool=False, # reuse the teacher's outputs per item from the 2nd epoch on (deterministic inputs only)
-                 output_fn:Callable|None=None, # what output losses compare, from a model's output (default `output_tensor`: `.logits` or the first tensor)
-                 shift_labels:bool=False, # causal LMs with `labels = input_ids` (Hugging Face's convention): logit i is scored against target i+1
-                 attention_mask:int|Callable|None=None, # the batch's (B, L) mask, 0 for padding: index into `xb`, or a function of `xb`
+                 outputs:Outputs|None=None, # what output losses compare, e.g. `Outputs(shift_labels=True, attention_mask=1)` for causal LMs
                 ):
-        self.student_layers, self.teacher_layers = _layer_names(student_layers, teacher_layers, activations_student, activations_teacher)
-        self.teacher = as_teacher(teacher, teacher_weights, feature_teacher, teacher_device, teacher_dtype, cache_teacher)
+        if not isinstance(outputs, (Outputs, type(None))): raise TypeError(
+            f"outputs={outputs!r}: give an `Outputs(output_fn=..., shift_labels=..., attention_mask=...)`, or None.")
+        self.student_layers, self.teacher_layers = _layer_names(student_layers, teacher_layers)
+        self.teacher = teacher
         self.kd_loss = DistillationLoss(loss, weight, schedule)
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
         self.parts, self.on = TrainedParts(), False # the losses' own parameters (connectors, regressors, generators)
-        self.align = OutputAlignment(output_fn, shift_labels, attention_mask,
-                                     [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources],
-                                     any(t.sources & {'pred', 'teacher_pred'} for t in self.kd_loss.terms))
+        self.outputs, self.checked = outputs or Outputs(), False
+        self.label_free = [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources] # warned about masked targets
+        self.classes = any(t.sources & {'pred', 'teacher_pred'} for t in self.kd_loss.terms) # output losses need a class axis
 
     @property
-    def teacher(self)->TeacherSource|None: return self.__dict__.get('_teacher') # None after `load_learner`: nothing to distil
+    def teacher(self)->TeacherSource: return self._teacher
     @teacher.setter
-    def teacher(self, t): self.__dict__['_teacher'] = None if t is None else as_teacher(t)
+    def teacher(self, t): self._teacher = as_teacher(t)
 
     def before_fit(self):
-        self._cleanup(self.learn) # whatever a fit that raised left behind
-        self.align.checked = False # the target's masking is checked on the first batch
-        if self.teacher is None or self.kd_loss is None: return # e.g. after `load_learner`: nothing to distil
+        self.cleanup() # whatever a fit that raised left behind
+        self.checked = False # the target's masking is checked on the first batch
         self.teacher.enter(self.learn)
         if self.student_layers == 'auto':
-            self.pairs = _pairs_on_data(self.learn, self.teacher.model)
+            self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
             self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
         if len(self.student_layers):
             self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
             self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
-        if (p := _first_param(self.model)) is not None: self.kd_loss.to(p.device)
+        if (p := first_float(self.model)) is not None: self.kd_loss.to(p.device)
         _check_mixing(self.learn, self.kd_loss)
         self.parts.enter(self.learn, [self.kd_loss])
 
-    def before_train(self): # the losses' parameters join the optimizer, trained with the student, following its schedule
-        if self.teacher is not None and self.kd_loss is not None: self.parts.join(self.opt)
+    def before_train(self): self.parts.join(self.opt) # the losses' parameters join the optimizer, trained with the student, following its schedule
 
     def before_batch(self):
-        self.on = self.teacher is not None and self.kd_loss is not None and (self.training or self.distill_valid)
+        self.on = self.training or self.distill_valid
         if self.student_hooks: self.student_hooks.clear(); self.student_hooks.collecting = self.on
         if self.on: self.kd_loss.set_progress(self.pct_train)
 
@@ -348,7 +355,8 @@ class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
 
     def after_loss(self): # the losses, mixed into the task loss fastai computed
         if not self.on or not len(self.yb): return
-        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.align(self.learn, self.teacher_pred)
+        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.outputs.align(self.learn, self.teacher_pred, self.classes)
+        if not self.checked: self.checked = True; _warn_unmasked(self.label_free, src['target'])
         mixed, terms = self.kd_loss(task, **src,
                                     fm_s=self.student_hooks.read() if self.student_hooks else {},
                                     fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
@@ -366,19 +374,15 @@ class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
 
     def after_fit(self):
         self.parts.restore() # as before lr_find
-        self._cleanup(self.learn)
+        self.cleanup()
 
-    def _cleanup(self, learn:Learner|None):
+    def cleanup(self):
         "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
         if self.student_hooks: self.student_hooks.remove()
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        if self.teacher is not None: self.teacher.exit()
-        self.parts.leave(learn)
+        self.teacher.exit()
+        self.parts.leave(self.learn)
         self.on = False
-
-    def _init_state(self): # after unpickling (`load_learner`): no teacher, nothing hooked
-        self.__dict__.update(_teacher=None, kd_loss=None, parts=TrainedParts(), student_hooks=None, teacher_hooks=None,
-                             teacher_pred=None, on=False)
 
     def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
         "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
@@ -390,4 +394,3 @@ class KnowledgeDistillationCallback(_FasteraiNames, ColumnsCallback):
         except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
             f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
         self.parts.saved = list(state.get('optimizer', []))
-

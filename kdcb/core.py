@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #105018ee
 from __future__ import annotations
-import difflib, inspect, itertools
+import difflib, inspect
 from typing import Callable
 import torch
 from torch import nn
 from fastcore.basics import camel2snake
 from fastcore.foundation import L
+from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['ScheduledLoss', 'check_positive', 'register_loss', 'available_losses', 'get_loss', 'get_module', 'get_model_layers',
-           'plain', 'output_tensor', 'model_inputs']
+__all__ = ['ScheduledLoss', 'check_positive', 'register_loss', 'available_losses', 'get_loss', 'get_module', 'first_float',
+           'plain', 'output_tensor', 'model_inputs', 'EvalMode', 'batch_inputs', 'snapshot', 'load_snapshot']
 
 # %% ../nbs/00_core.ipynb #8159c67c
 class ScheduledLoss(nn.Module):
@@ -80,13 +81,11 @@ def get_module(model:nn.Module, # the model to look in
     raise AttributeError(f"{what} has no layer {name!r}. Closest layer names: {', '.join(map(repr, close))}. "
                          f"All names are in `dict({what}.named_modules())`.")
 
-# %% ../nbs/00_core.ipynb #23e4bce6
-def get_model_layers(model:nn.Module, # the model to list
-                     getLayerRepr:bool=False, # also give each layer's repr (fasterai's argument name)
-                    )->list[str]|dict[str, str]:
-    "The dotted names of `model`'s layers, in definition order (with their repr if `getLayerRepr`)"
-    named = [(n, m) for n, m in model.named_modules() if n]
-    return {n: repr(m) for n, m in named} if getLayerRepr else [n for n, _ in named]
+# %% ../nbs/00_core.ipynb #2af9ca18
+def first_float(model:nn.Module, # the model to look in
+               )->torch.Tensor|None: # its first floating-point parameter or buffer (None: it has none)
+    "The tensor that tells `model`'s device and floating dtype"
+    return next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
 
 # %% ../nbs/00_core.ipynb #e3d2d611
 def plain(x):
@@ -112,8 +111,7 @@ def model_inputs(x, # a tensor, or a tuple/list/dict of them (fastai's `xb`)
                  model:nn.Module, # the model that will receive `x`
                 ):
     "`x` as plain tensors on `model`'s device, floating ones in its floating dtype"
-    p = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None) # lazily: no list of every tensor
-    return _moved(x, p)
+    return _moved(x, first_float(model))
 
 def _moved(x, p:torch.Tensor|None):
     if isinstance(x, torch.Tensor):
@@ -123,3 +121,30 @@ def _moved(x, p:torch.Tensor|None):
     if isinstance(x, dict): return {k: _moved(v, p) for k, v in x.items()}
     if isinstance(x, (tuple, list)): return type(x)(_moved(v, p) for v in x)
     return x
+
+# %% ../nbs/00_core.ipynb #7f765974
+class EvalMode:
+    "Eval mode for the length of a `with` block, then every module's mode as before; the modes are saved once, at construction"
+    def __init__(self, model:nn.Module): self.modes = [m for m in model.modules() if m.training] # only these need switching
+    def __enter__(self):
+        for m in self.modes: m.training = False
+        return self
+    def __exit__(self, *exc):
+        for m in self.modes: m.training = True
+
+# %% ../nbs/00_core.ipynb #5c650037
+def batch_inputs(dls:DataLoaders, # the learner's data
+                )->tuple: # the inputs `xb` of one batch
+    "The inputs of one batch of `dls` (validation if any, else training)"
+    dl = dls.valid if len(dls.valid) else dls.train
+    b = dl.one_batch()
+    return tuple(b[:getattr(dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)])
+
+# %% ../nbs/00_core.ipynb #418d0899
+def snapshot(modules:list[nn.Module])->list[dict]: # one detached copy of each module's `state_dict`
+    "A copy of the state of `modules`, to put back with `load_snapshot`"
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+def load_snapshot(modules:list[nn.Module], snap:list[dict]):
+    "Put the state copied by `snapshot` back into `modules`"
+    for m, s in zip(modules, snap): m.load_state_dict(s)

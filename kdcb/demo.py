@@ -25,12 +25,12 @@ from .core import available_losses, get_loss
 from .distill import LossTerm
 from .losses import SoftTarget, DecoupledKD
 from .callback import KnowledgeDistillationCallback
-from .unlabelled import add_unlabelled, LabelledOnly, UNLABELLED
+from .data import TensorDL, tensor_dls, add_unlabelled, LabelledOnly, UNLABELLED
 
 # %% auto #0
-__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'TEACHER_WIDTH', 'STUDENT_WIDTH', 'BS', 'mnist1d', 'TensorDL', 'tensor_dls',
-           'ShiftNoise', 'cnn1d', 'n_params', 'EpochLog', 'parse_loss', 'train', 'summarise', 'markdown_table',
-           'plot_change', 'get_parser', 'run_demo', 'main']
+__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'TEACHER_WIDTH', 'STUDENT_WIDTH', 'BS', 'mnist1d', 'ShiftNoise', 'cnn1d', 'n_params',
+           'EpochLog', 'parse_loss', 'train', 'summarise', 'markdown_table', 'plot_change', 'get_parser', 'run_demo',
+           'main']
 
 # %% ../nbs/08_demo.ipynb #58383242
 def mnist1d(n_train:int=4000, # training signals (the default split of MNIST-1D)
@@ -45,17 +45,6 @@ def mnist1d(n_train:int=4000, # training signals (the default split of MNIST-1D)
     d = make_dataset(args)
     x, y = torch.tensor(d['x'], dtype=torch.float32), torch.tensor(d['y'], dtype=torch.long)
     return x[:n_train], y[:n_train], x[n_train:n], y[n_train:n]
-
-# %% ../nbs/08_demo.ipynb #99e4e75f
-class TensorDL(DataLoader):
-    "A fastai `DataLoader` over a `TensorDataset` that gathers each batch with one indexing op instead of collating items"
-    def create_item(self, i): return i # the item's index: `create_batch` does the indexing
-    def create_batch(self, b): return tuple(t[torch.as_tensor(b)] for t in self.dataset.tensors)
-
-def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor, bs:int=128)->DataLoaders:
-    "Shuffled training batches of `bs` (last partial batch dropped) and ordered validation batches"
-    return DataLoaders(TensorDL(TensorDataset(x_train, y_train), bs=bs, shuffle=True, drop_last=True),
-                       TensorDL(TensorDataset(x_valid, y_valid), bs=512), device=default_device())
 
 # %% ../nbs/08_demo.ipynb #26d86811
 class ShiftNoise(Callback):

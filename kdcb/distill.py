@@ -15,7 +15,7 @@ from .core import _LOSSES, _key
 
 # %% auto #0
 __all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'RatioBalance',
-           'UncertaintyBalance', 'GradNorm', 'WeightLog', 'FeatureHooks']
+           'UncertaintyBalance', 'GradNorm', 'FeatureHooks']
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
@@ -63,19 +63,21 @@ class LossTerm(nn.Module):
         if bad: raise TypeError(f"Loss {self.name!r} requires argument(s) {bad} that the callback cannot provide. "
                                 f"A loss may ask for: {', '.join(_ARGS)}; give other parameters defaults.")
         self.args = {p.name: _ARGS[p.name] for p in named if p.name in _ARGS}
+        named_sources = set(self.args.values()) # what the loss asks for by name
         if any(p.kind == p.VAR_KEYWORD for p in params): self.args = {**{k: k for k in SOURCES[:5]}, **self.args} # the optional sources: by name only
+        self.named_sources = named_sources
         self.per_pair = bool({'out_s', 'out_t'} & set(self.args))
         if self.per_pair and ({'fm_s', 'fm_t'} & set(self.args) or not {'out_s', 'out_t'} <= set(self.args)):
             raise TypeError(f"Loss {self.name!r} must ask for both single feature maps `out_s, out_t` "
                             "or for the dicts `fm_s, fm_t`, not a mix.")
 
     @property
-    def sources(self)->set: # which of the callback's sources this loss uses
-        return set(self.args.values())
+    def sources(self)->set: # which of the callback's sources this loss asks for by name (`**kwargs` get the others, if any)
+        return self.named_sources
 
     def forward(self, **sources)->Tensor:
         "The loss on `sources`; for a loss of one pair, the (weighted) sum over the layer pairs"
-        kw = {k: sources.get(src) if src in _OPTIONAL else sources[src] # optional sources: None when there are none
+        kw = {k: sources.get(src) if src in _OPTIONAL or src not in self.named_sources else sources[src] # optional sources: None when there are none
               for k, src in self.args.items() if not (self.per_pair and src in ('fm_s', 'fm_t'))}
         if not self.per_pair: return self.loss(**kw)
         pairs = feature_pairs(sources['fm_s'], sources['fm_t'])
@@ -147,9 +149,10 @@ def _weight_list(weight, n:int, names:list)->list:
     return [weight] if n == 1 else [(lambda p, w=weight: w(p)/n) if callable(weight) else weight/n] * n
 
 def _multiplier(schedule:Callable|None)->Callable|None:
-    "`schedule` as a callable of `pct_train`; fasterai's `Schedule` objects (`cos`, `lin`...) are called as `s(1., pct)`"
-    if schedule is None or not hasattr(schedule, 'sched_func'): return schedule
-    return lambda p: float(L(schedule(1., p))[0])
+    "`schedule`, checked: a callable of `pct_train`, or None"
+    if schedule is None or callable(schedule): return schedule
+    raise TypeError(f"schedule={schedule!r} is not a callable of pct_train. fasterai's `Schedule` objects (`cos`, `lin`, ...) "
+                    "work with `kdcb.fasterai.KnowledgeDistillationCallback`, or pass `s.progress`.")
 
 class DistillationLoss(nn.Module):
     "Distillation losses with their weights, mixed into a task loss: (1 − Σ w_i)·task + Σ w_i·L_i"
@@ -289,41 +292,6 @@ class GradNorm(Balancer):
         step = torch.exp(-self.lr * torch.sign(G - target) * G / Gm) # a step on log λ: ∂/∂log λ_k = sign(·)·G_k
         self.lam.mul_(torch.where(Gm > 0, step, 1.)) # no step when no gradient reaches W (decided on the device: no sync per batch)
         self.lam.div_((self.lam * p).sum())
-
-# %% ../nbs/04_distill.ipynb #6b6a08f7
-from fastai.callback.core import Callback
-
-class WeightLog(Callback):
-    "Record the `w_*` progress columns (the weights a balancer applied) at every training batch; `plot` draws them"
-    order = 56 # after `LossColumns` (55) has added the batch to its sums
-    def __init__(self, prefix:str='w_'): self.prefix, self.pct, self.rows = prefix, [], {} # which columns to keep
-
-    def before_train(self):
-        if self.epoch == 0: self.pct, self.rows = [], {} # a new fit (not `before_fit`, which `validate` also fires)
-    def after_batch(self): # kept as tensors: no device sync per batch
-        if not self.training: return
-        for c in self.learn.cbs:
-            if type(c).__name__ != 'LossColumns' or c.last is None: continue
-            for i, name in enumerate(c.names):
-                if name.startswith(self.prefix): self.rows.setdefault(name, []).append(c.last[i])
-        if self.rows: self.pct.append(float(self.pct_train))
-
-    @property
-    def weights(self)->dict[str, list[float]]: # column name -> its value at every recorded batch
-        return {n: torch.stack(v).tolist() for n, v in self.rows.items()}
-
-    def plot(self, ax=None, # a matplotlib axis to draw on (default: a new figure)
-             log:bool=True, # logarithmic weight axis: weights may span several orders of magnitude
-            ): # the axis
-        "The recorded weights against training progress"
-        if not self.rows: raise ValueError("WeightLog recorded no weights: fit with a distillation callback whose "
-                                              "`weight` is a balancer (e.g. `weight=RatioBalance(0.5)`), with WeightLog in `cbs`.")
-        import matplotlib.pyplot as plt
-        if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-        for name, w in self.weights.items(): ax.plot(self.pct[-len(w):], w, label=name)
-        if log: ax.set_yscale('log')
-        ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('weight applied'); ax.legend()
-        return ax
 
 # %% ../nbs/04_distill.ipynb #fcec77af
 class _LayerHook(Hook):

@@ -22,7 +22,7 @@ from .losses import SoftTarget, HiddenStateCosine
 from .distill import Connected
 from .match import block_list, depth_pairs
 from .teachers import CachedTeacher
-from .callback import KnowledgeDistillationCallback
+from .callback import KnowledgeDistillationCallback, Outputs
 
 # %% auto #0
 __all__ = ['as_prompts', 'pad_sequences', 'labelled_sequences', 'Responses', 'generate_responses', 'causal_lm_loss',
@@ -237,11 +237,11 @@ def _check_distiller(learn:Learner):
                                 "sequences the student generates.")
     for c in kd:
         if isinstance(c.teacher, CachedTeacher): raise ValueError(
-            "The distillation callback caches the teacher's outputs per item (cache_teacher=True), but on-policy batches are "
-            "new sequences every time: create it with cache_teacher=False.")
-        if not c.align.shift_labels: raise ValueError(
+            "The distillation callback's teacher is a CachedTeacher, which keeps the teacher's outputs per item, but on-policy "
+            "batches are new sequences every time: give the callback the teacher itself.")
+        if not c.outputs.shift_labels: raise ValueError(
             "OnPolicy writes Hugging Face's causal-LM labels (labels = input_ids, -100 on the prompt and the padding): create "
-            "the distillation callback with shift_labels=True.")
+            "the distillation callback with outputs=Outputs(shift_labels=True).")
 
 # %% ../nbs/12_lm.ipynb #3245b313
 class OnPolicy(Callback):
@@ -375,7 +375,7 @@ def distilbert_recipe(student:nn.Module, # the student masked LM, e.g. a `BertFo
                       alpha_cos:float=1., # weight of the hidden-state cosine
                       restrict_ce_to_mask:bool=False, # soft targets on the labelled (masked) tokens only
                       attention_mask:int|Callable=1, # the batch's attention mask: an index into `xb`, or a function of `xb`
-                     )->dict: # `KnowledgeDistillationCallback` arguments: loss, student_layers, teacher_layers, weight, attention_mask
+                     )->dict: # `KnowledgeDistillationCallback` arguments: loss, student_layers, teacher_layers, weight, outputs
     "DistilBERT's loss 5·L_ce(T=2) + 2·L_mlm + 1·L_cos, normalised, as `KnowledgeDistillationCallback(teacher, **recipe)`"
     alphas = (alpha_ce, alpha_mlm, alpha_cos)
     if min(alphas) < 0 or sum(alphas) <= 0: raise ValueError(f"The alphas {alphas} must be non-negative, with a positive sum.")
@@ -386,4 +386,4 @@ def distilbert_recipe(student:nn.Module, # the student masked LM, e.g. a `BertFo
     soft = SoftTarget(T=T) if restrict_ce_to_mask else TokenSoftTarget(T=T)
     total = sum(alphas)
     return dict(loss=[soft, cos], student_layers=pairs['student'], teacher_layers=pairs['teacher'],
-                weight=[alpha_ce / total, alpha_cos / total], attention_mask=attention_mask)
+                weight=[alpha_ce / total, alpha_cos / total], outputs=Outputs(attention_mask=attention_mask))

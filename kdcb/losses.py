@@ -74,7 +74,7 @@ def _labels(target:Tensor|None, logits:Tensor, ignore_index:int, loss:str, alt:s
     bad = keep & ((target < 0) | (target >= logits.shape[-1]))
     if bad.any(): raise ValueError(
         f"{loss}: labels {sorted(set(target[bad].tolist()))[:5]} are outside [0, {logits.shape[-1]}) and not "
-        f"ignore_index={ignore_index}. Items without labels (kdcb.unlabelled marks them {-1}) need `ignore_index=-1`, or use {alt}.")
+        f"ignore_index={ignore_index}. Items without labels (kdcb.data marks them {-1}) need `ignore_index=-1`, or use {alt}.")
     return torch.where(keep, target, 0).long(), keep
 
 # %% ../nbs/01_losses.ipynb #4309e74e

@@ -22,18 +22,13 @@ from .core import *
 from .losses import SoftTarget
 from .teachers import TeacherSource
 from .distill import DistillationLoss, FeatureHooks
-from .callback import LossColumns, KnowledgeDistillationCallback, ColumnsCallback, TrainedParts, finding_lr
+from .callback import LossColumns, KnowledgeDistillationCallback, FitCallback, TrainedParts, finding_lr
 
 # %% auto #0
 __all__ = ['EMATeacher', 'MutualLearning', 'AuxHead', 'DeepSupervision', 'Progressive', 'progressive_temperature',
            'progressive_weight', 'Generations', 'born_again', 'teacher_chain']
 
 # %% ../nbs/09_online.ipynb #273122db
-def _snapshot(modules)->list: return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
-
-def _restore(modules, snap:list):
-    for m, s in zip(modules, snap): m.load_state_dict(s)
-
 @torch.no_grad()
 def _broadcast(modules):
     "Under DDP, every process takes rank 0's parameters and buffers of `modules` (no-op in one process)"
@@ -45,11 +40,9 @@ def _broadcast(modules):
 class _EMAStep(Callback):
     "Updates an `EMATeacher` after every optimizer step of the learner it is attached to"
     order,run_valid = 90,False # after the step and the other callbacks' `after_step`
-    _stateattrs = ('source',) # `export` leaves the teacher out
     def __init__(self, source): self.source = source
     def after_step(self):
         if self.source is not None: self.source.update() # from the model it was built with (not a DDP wrapper around it)
-    def _init_state(self): self.source = None
 
 # %% ../nbs/09_online.ipynb #0763c711
 class EMATeacher(TeacherSource):
@@ -73,12 +66,12 @@ class EMATeacher(TeacherSource):
             "EMATeacher averages the model it was built with, but this learner trains another one: build it with "
             "`EMATeacher(learn.model)` for the learner it teaches.")
         if any(getattr(getattr(c, 'teacher', None), 'source', None) is self for c in learn.cbs): raise ValueError(
-            "cache_teacher=True would keep the average's outputs from the first epoch, but the average changes at every step: "
-            "set cache_teacher=False with an EMATeacher.")
-        p = next(iter([*self.student.parameters(), *self.student.buffers()]), None)
+            "A CachedTeacher would keep the average's outputs from the first epoch, but the average changes at every step: "
+            "give the EMATeacher itself as the teacher.")
+        p = first_float(self.student)
         if p is not None: self.model.to(p.device)
         _broadcast([self.model]) # under DDP: rank 0's average, as DDP gives every rank rank 0's student
-        self._snap = (_snapshot([self.model]), self.n_updates) if finding_lr(learn) else None # lr_find: leave the average as it was
+        self._snap = (snapshot([self.model]), self.n_updates) if finding_lr(learn) else None # lr_find: leave the average as it was
         self._cb = _EMAStep(self)
         learn.add_cb(self._cb)
 
@@ -103,7 +96,7 @@ class EMATeacher(TeacherSource):
         cb, self._cb = self._cb, None
         if cb is not None and cb.learn is not None and cb in cb.learn.cbs: cb.learn.remove_cb(cb)
         if cb is not None: cb.source = None
-        if self._snap is not None: _restore([self.model], self._snap[0]); self.n_updates = self._snap[1]
+        if self._snap is not None: load_snapshot([self.model], self._snap[0]); self.n_updates = self._snap[1]
         self._snap = None
 
     def __getstate__(self): # a pickled source (e.g. inside a callback) carries neither learner nor updater
@@ -120,10 +113,9 @@ def _acc(pred:Tensor, y:Tensor)->Tensor: # accuracy over positions whose label i
     return ((pred.argmax(-1) == y) & keep).sum().float() / keep.sum().clamp_min(1)
 
 # %% ../nbs/09_online.ipynb #aad66623
-class MutualLearning(ColumnsCallback):
+class MutualLearning(FitCallback):
     "Deep Mutual Learning (Zhang et al. 2018): the learner's model and its `peers` trained together, each from the labels and the others' softened predictions"
     order = 5 # like the distillation callback: before GradientAccumulation (6) and while MixedPrecision's autocast is on
-    _stateattrs = ('peers', 'kd_losses', 'parts', 'peer_preds', '_last') # `export` writes the learner's model alone
 
     def __init__(self, peers:nn.Module|list[nn.Module], # the other students of the cohort (the learner's model is the first)
                  T:float|Callable=1., # temperature of the KL to the others' mean prediction (the paper: 1)
@@ -139,32 +131,27 @@ class MutualLearning(ColumnsCallback):
         self.peer_preds, self.parts, self._last = None, TrainedParts(), None
 
 
-    def _init_state(self): # after `load_learner`: no peers, nothing to do
-        self.__dict__.update(peers=None, kd_losses=None, peer_preds=None, parts=TrainedParts(), _last=None)
-
     def before_fit(self):
-        self._cleanup(self.learn)
-        if self.peers is None: return
+        self.cleanup()
         self._last = self.learn # for `peer_learner` after the callback has left the learner
         if any(p is self.model for p in self.peers): raise ValueError("The learner's model is also among `peers`: give the other students only.")
-        p = next(self.model.parameters(), None)
+        p = first_float(self.model)
         for m in self.peers:
             if p is not None: m.to(p.device)
         _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
         self.parts.enter(self.learn, self.peers) # trained by the learner's optimizer; lr_find leaves them as they were
 
     def before_train(self):
-        for m in self.peers or []: m.train()
-        if self.peers is not None: self.parts.join(self.opt)
+        for m in self.peers: m.train()
+        self.parts.join(self.opt)
     def before_validate(self):
-        for m in self.peers or []: m.eval()
+        for m in self.peers: m.eval()
 
     def before_batch(self):
-        if self.peers is None or not self.training: return
+        if not self.training: return
         for l in self.kd_losses: l.set_progress(self.pct_train)
 
     def after_pred(self): # the learner's model has run: now each peer, on the same inputs
-        if self.peers is None: return
         self.peer_preds = [output_tensor(m(*model_inputs(tuple(self.xb), m)), f'peer {i+1} output') for i, m in enumerate(self.peers)]
         shape = output_tensor(self.pred, 'the student output').shape
         for i, z in enumerate(self.peer_preds, 1):
@@ -172,7 +159,7 @@ class MutualLearning(ColumnsCallback):
                                                   f"{tuple(shape)}: every student of the cohort must predict the same classes.")
 
     def after_loss(self):
-        if self.peers is None or not len(self.yb): return
+        if not len(self.yb): return
         preds, y = [output_tensor(self.pred, 'the student output'), *self.peer_preds], plain(self.yb[0])
         if not self.training: return self._accumulate(preds, y)
         total = 0.
@@ -198,11 +185,11 @@ class MutualLearning(ColumnsCallback):
     def after_batch(self): self.peer_preds = None
     def after_fit(self):
         self.parts.restore() # as before lr_find
-        self._cleanup(self.learn)
+        self.cleanup()
 
-    def _cleanup(self, learn:Learner|None):
+    def cleanup(self):
         "Take the peers out of the optimizer; safe to repeat, and after a fit that raised"
-        self.parts.leave(learn)
+        self.parts.leave(self.learn)
         self.peer_preds = None
 
     def peer_learner(self, i:int, # 1 for the first peer, ... (0: the learner's own model)
@@ -224,10 +211,9 @@ class AuxHead(nn.Sequential):
         return self[1](x)
 
 # %% ../nbs/09_online.ipynb #83584509
-class DeepSupervision(ColumnsCallback):
+class DeepSupervision(FitCallback):
     "Be Your Own Teacher (Zhang et al. 2019): auxiliary heads on hooked layers learn from the labels and from the model's own softened output"
     order = 5 # before GradientAccumulation (6), while MixedPrecision's autocast is on
-    _stateattrs = ('heads', 'hooks', 'feats', 'parts') # `export` writes the model alone (the heads are not part of it)
 
     def __init__(self, layers:list[str], # dotted names of the student's layers that get an auxiliary head, shallow to deep
                  T:float|Callable=3., # temperature of the KL from each head to the model's output (the paper: 3)
@@ -243,30 +229,19 @@ class DeepSupervision(ColumnsCallback):
         self.columns = LossColumns([f'aux{i}_{c}' for i in range(len(self.layers)) for c in ('loss', 'accuracy')])
 
 
-    def _init_state(self): self.__dict__.update(heads=None, hooks=None, feats=None, parts=TrainedParts())
-
-    def _build_heads(self):
+    def _build_heads(self, learn:Learner):
         "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
-        dl = self.dls.valid if len(self.dls.valid) else self.dls.train
-        b = dl.one_batch()
-        xb = b[:getattr(self.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)]
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad(), self.hooks: out = output_tensor(self.model(*model_inputs(tuple(xb), self.model)), 'the model output')
-            feats = self.hooks.read()
-        finally:
-            for m, t in modes: m.training = t
+        xb, model = batch_inputs(learn.dls), learn.model
+        with EvalMode(model), torch.no_grad(), self.hooks: out = output_tensor(model(*model_inputs(xb, model)), 'the model output')
+        feats = self.hooks.read()
         self.heads = nn.ModuleList([AuxHead(f.shape[1], out.shape[-1]) for f in feats.values()])
 
     def before_fit(self):
-        self._cleanup(self.learn)
-        if self.heads is None and not (len(self.dls.train) or len(self.dls.valid)): # a loaded export predicting: no heads, no data
-            self.hooks = None; return
+        self.cleanup()
         self.hooks = FeatureHooks(self.model, self.layers, 'student')
-        if self.heads is None: self._build_heads()
+        if self.heads is None: self._build_heads(self.learn)
         self.hooks.attach()
-        p = next(self.model.parameters(), None)
+        p = first_float(self.model)
         if p is not None: self.heads.to(device=p.device, dtype=p.dtype) # float64 models get float64 heads
         _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
         self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
@@ -301,12 +276,12 @@ class DeepSupervision(ColumnsCallback):
         if self.hooks: self.hooks.clear()
     def after_fit(self):
         self.parts.restore() # as before lr_find
-        self._cleanup(self.learn)
+        self.cleanup()
 
-    def _cleanup(self, learn:Learner|None):
+    def cleanup(self):
         "Hooks off, heads out of the optimizer; safe to repeat"
         if self.hooks: self.hooks.remove()
-        self.parts.leave(learn)
+        self.parts.leave(self.learn)
 
     def state_dict(self)->dict: return {} if self.heads is None else self.heads.state_dict() # the heads, to resume
     def load_state_dict(self, state:dict):
@@ -316,9 +291,8 @@ class DeepSupervision(ColumnsCallback):
 
     def build_heads(self, learn:Learner):
         "Build the heads for `learn`'s model now (to load saved ones before fitting)"
-        self.__dict__['_learn'] = learn
         self.hooks = FeatureHooks(learn.model, self.layers, 'student')
-        try: self._build_heads()
+        try: self._build_heads(learn)
         finally: self.hooks.remove()
 
 # %% ../nbs/09_online.ipynb #187f4f19

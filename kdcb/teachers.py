@@ -34,10 +34,10 @@ def _pipeline(dls)->list[str]|None: # the deterministic transforms a batch goes 
         return type(t).__name__ + (f' {extra}' if extra else '')
     return [show(t) for p in (dl.after_item, dl.before_batch, dl.after_batch) for t in getattr(p, 'fs', [])]
 
-def _first_float(model:nn.Module)->Tensor|None:
-    return next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
-
 # %% ../nbs/03_teachers.ipynb #04375860
+def _kept(data:Tensor, dtype:torch.dtype|None)->Tensor: # what `FrozenTeacher` keeps of a tensor for the fit's length
+    return data.cpu() if dtype is not None and data.is_floating_point() and data.device.type != 'cpu' else data
+
 class FrozenTeacher(TeacherSource):
     "A trained model run in eval mode without gradients; after each fit its mode, device and dtype are as before"
     def __init__(self, model:nn.Module|Learner, # the trained teacher, or a fastai `Learner` holding it
@@ -48,7 +48,7 @@ class FrozenTeacher(TeacherSource):
         model = model.model if isinstance(model, Learner) else model
         if not isinstance(model, nn.Module): raise TypeError(f"A teacher must be an nn.Module or a Learner, got {type(model).__name__}.")
         if dtype is not None and not dtype.is_floating_point: raise ValueError(f"teacher dtype {dtype} is not a floating-point type.")
-        self.model, self.device, self.dtype, self._saved, self._modes, self._out = model, device, dtype, None, [], None
+        self.model, self.device, self.dtype, self._saved, self._modes, self._out = model, device, dtype, None, None, None
 
     def enter(self, learn:Learner):
         self.exit()
@@ -57,38 +57,42 @@ class FrozenTeacher(TeacherSource):
                           "sees the student's batches, so it may be far less accurate on them. Give both the same item and batch "
                           "transforms (normalisation included), or distil from a teacher trained on the student's pipeline.")
             self._pipeline = None # once
-        p, s = _first_float(self.model), _first_float(learn.model)
-        self._saved = (p.device, p.dtype) if p is not None else None
+        s = first_float(learn.model)
         self._out = s.device if s is not None else None # outputs go where the student is
+        # the user's own tensors, put back as they are after the fit: converting back would round them (bfloat16);
+        # on an accelerator, a copy to be converted waits on the CPU, so that the fit holds the converted teacher alone
+        self._saved = [(m, n, t, t.device, _kept(t.data, self.dtype), t.grad if isinstance(t, nn.Parameter) else None)
+                       for m in self.model.modules() for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
         self.model.to(device=self.device or self._out, dtype=self.dtype)
-        self._modes = [(m, m.training) for m in self.model.modules() if m.training] # only these need switching
+        self._modes = EvalMode(self.model) # switched for each forward pass only
 
     def __call__(self, xb:tuple):
-        for m, _ in self._modes: m.training = False # eval mode for this forward pass only
-        try:
-            with torch.no_grad(): out = self.model(*model_inputs(tuple(xb), self.model))
-        finally:
-            for m, mode in self._modes: m.training = mode
+        with self._modes, torch.no_grad(): out = self.model(*model_inputs(tuple(xb), self.model))
         return out if self.device is None else to_device(out, self._out)
 
     def exit(self):
-        if self._saved is not None: self.model.to(device=self._saved[0], dtype=self._saved[1] if self.dtype else None)
-        self._saved, self._modes = None, []
+        for m, n, t, device, data, grad in self._saved or []:
+            if isinstance(t, nn.Parameter): t.data, t.grad = data.to(device), grad
+            else: setattr(m, n, data.to(device)) # a buffer: its original values
+        self._saved, self._modes = None, None
 
 # %% ../nbs/03_teachers.ipynb #1d899ff5
 class TeacherEnsemble(TeacherSource):
     "Several teachers, one forward pass each, their outputs averaged with `weights`; features come from one of them"
     def __init__(self, teachers:list, # models, `Learner`s or teacher sources
-                 weights:list[float]|None=None, # weights of the outputs' mean (default: equal)
+                 weights:list[float]|None=None, # weights of the outputs' mean, normalised by their sum (default: equal)
                  feature_index:int=0, # the teacher whose layers feature losses hook
                  device:str|torch.device|None=None, # see `FrozenTeacher`
                  dtype:torch.dtype|None=None, # see `FrozenTeacher`
                 ):
         self.teachers = [t if isinstance(t, TeacherSource) else FrozenTeacher(t, device, dtype) for t in teachers]
         n = len(self.teachers)
-        if weights is not None and len(weights) != n: raise ValueError(f"{len(weights)} teacher weights (`teacher_weights`) for {n} teachers: give one per teacher.")
-        if not 0 <= feature_index < n: raise ValueError(f"feature_teacher={feature_index}, but there are {n} teacher(s).")
-        self.weights, self.model = list(weights or [1/n]*n), self.teachers[feature_index].model
+        if weights is not None and len(weights) != n: raise ValueError(f"TeacherEnsemble got {len(weights)} weights for {n} teachers: give one per teacher.")
+        w = [float(v) for v in (weights if weights is not None else [1.]*n)]
+        if any(not v >= 0 for v in w) or sum(w) <= 0: raise ValueError(
+            f"TeacherEnsemble weights={list(weights)} must be >= 0 with a positive sum: they weight a mean of the teachers' outputs.")
+        if not 0 <= feature_index < n: raise ValueError(f"feature_index={feature_index}, but there are {n} teacher(s).")
+        self.weights, self.model = [v / sum(w) for v in w], self.teachers[feature_index].model # a weighted mean
 
     def enter(self, learn:Learner):
         for t in self.teachers: t.enter(learn)
@@ -115,17 +119,10 @@ def _check_cacheable(dl):
     "Refuse to cache teacher outputs when the training inputs are randomly augmented"
     tfms = [t for p in (dl.after_item, dl.before_batch, dl.after_batch) for t in getattr(p, 'fs', [])]
     rand = [type(t).__name__ for t in tfms if getattr(t, 'split_idx', None) == 0]
-    if rand: raise ValueError(f"cache_teacher: the training transforms {rand} are random augmentations (training only), "
-                              "so the teacher's outputs change every epoch. Set cache_teacher=False.")
+    if rand: raise ValueError(f"CachedTeacher: the training transforms {rand} are random augmentations (training only), "
+                              "so the teacher's outputs change every epoch. Give the teacher itself, not a CachedTeacher.")
     if not isinstance(dl, DataLoader): raise ValueError(
-        f"cache_teacher needs a fastai DataLoader to know which items are in a batch, got {type(dl).__name__}.")
-
-def _batch_items(dl, i:int, bs:int)->Tensor: # indices of the items in batch `i` of the current epoch
-    idxs = getattr(dl, '_DataLoader__idxs', None) # the epoch's item order, drawn by fastai's DataLoader.__iter__
-    items = list(idxs[i*dl.bs:(i+1)*dl.bs]) if isinstance(idxs, (list, L)) else None
-    if items is None or len(items) != bs: raise RuntimeError(
-        "cache_teacher: cannot tell which items are in this batch; set cache_teacher=False.")
-    return torch.as_tensor(items)
+        f"CachedTeacher needs a fastai DataLoader, whose transforms say whether the inputs are augmented; got {type(dl).__name__}.")
 
 def _fingerprint(xb)->Tensor: # one float64 per item, sensitive to values and their positions
     fp = 0.
@@ -145,7 +142,7 @@ class CachedTeacher(TeacherSource):
         if not isinstance(source, TeacherSource): raise TypeError(
             f"{type(self).__name__} caches a teacher source, got {type(source).__name__}: pass e.g. `{type(self).__name__}(FrozenTeacher(model))`.")
         if not getattr(source, 'cacheable', True): raise ValueError(
-            f"{type(source).__name__}'s outputs change during training, so keeping those of the first epoch would be wrong: use it uncached (set cache_teacher=False).")
+            f"{type(source).__name__}'s outputs change during training, so keeping those of the first epoch would be wrong: give the {type(source).__name__} itself, uncached.")
         self.source, self.learn, self.cache = source, None, None
 
     def enter(self, learn:Learner):
@@ -156,19 +153,22 @@ class CachedTeacher(TeacherSource):
     def __call__(self, xb:tuple):
         l = self.learn
         if not l.training: return self.source(xb)
-        idx, fp, c = _batch_items(l.dl, l.iter, find_bs(xb)), _fingerprint(xb), self.cache
-        if c is not None and c['ds'] is l.dl.dataset and c['have'][idx].all():
-            if not torch.allclose(c['fp'][idx], fp, rtol=1e-6, atol=1e-6): raise RuntimeError(
-                "cache_teacher: the training inputs of some items changed between epochs (random augmentation?), so the "
-                "cached teacher outputs no longer match them. Set cache_teacher=False.")
+        c, n = self.cache, len(l.dl.dataset)
+        if c is None or c['ds'] is not l.dl.dataset: c = self.cache = dict(ds=l.dl.dataset, rows={}, out=None)
+        keys = _fingerprint(xb).tolist() # each item is known by its inputs: no need to know the loader's order
+        rows = [c['rows'].get(k) for k in keys]
+        if None not in rows: # every item seen in an earlier batch
+            idx = torch.as_tensor(rows)
             return self.unpack(tuple(t[idx.to(t.device)] for t in c['out']))
-        out, n = output_tensor(self.source(xb), 'teacher output'), len(l.dl.dataset)
+        out = output_tensor(self.source(xb), 'teacher output')
         packed = self.pack(out)
-        if c is None or c['ds'] is not l.dl.dataset:
-            c = self.cache = dict(ds=l.dl.dataset, have=torch.zeros(n, dtype=torch.bool), fp=fp.new_empty(n),
-                                  out=tuple(t.new_empty((n, *t.shape[1:])) for t in packed))
+        for k in keys: c['rows'].setdefault(k, len(c['rows']))
+        if len(c['rows']) > n: raise RuntimeError(
+            f"CachedTeacher: the training inputs changed between epochs (random augmentation?): {len(c['rows'])} different "
+            f"inputs for {n} items, so cached teacher outputs would not match them. Give the teacher itself, not a CachedTeacher.")
+        if c['out'] is None: c['out'] = tuple(t.new_empty((n, *t.shape[1:])) for t in packed)
+        idx = torch.as_tensor([c['rows'][k] for k in keys])
         for t, v in zip(c['out'], packed): t[idx.to(t.device)] = v
-        c['fp'][idx], c['have'][idx] = fp, True
         return self.unpack(packed) # what later epochs get from the cache, in the first one too
 
     def pack(self, out:Tensor)->tuple: return (out,) # what is stored per item: the output itself (exact)
@@ -229,19 +229,9 @@ class TopKCachedTeacher(CachedTeacher):
 
 # %% ../nbs/03_teachers.ipynb #c1d35c93
 def as_teacher(teacher:nn.Module|Learner|list|TeacherSource|Callable, # a model, a `Learner`, a list of them, a teacher source or a function
-               weights:list[float]|None=None, # several teachers: weights of their outputs' mean
-               feature_index:int=0, # several teachers: the one whose layers are hooked
-               device:str|torch.device|None=None, # where the teacher runs (default: the student's device)
-               dtype:torch.dtype|None=None, # convert the teacher to this dtype for the fit
-               cache:bool=False, # reuse its outputs per item from the second epoch on
               )->TeacherSource:
-    "The teacher source for `teacher` and the callback's teacher options"
-    if isinstance(teacher, TeacherSource):
-        if (weights, feature_index, device, dtype) != (None, 0, None, None): raise ValueError(
-            "Teacher options (weights, device, dtype...) configure the sources kdcb builds; set them on your TeacherSource instead.")
-        src = teacher
-    elif isinstance(teacher, (list, tuple, L)) and (len(teacher) > 1 or weights is not None or feature_index):
-        src = TeacherEnsemble(list(teacher), weights, feature_index, device, dtype)
-    elif callable(teacher) and not isinstance(teacher, (nn.Module, Learner)): src = FunctionTeacher(teacher) # a plain function
-    else: src = FrozenTeacher(teacher[0] if isinstance(teacher, (list, tuple, L)) else teacher, device, dtype)
-    return CachedTeacher(src) if cache else src
+    "The teacher source for `teacher`: itself if it is one, else a `FrozenTeacher`, a `TeacherEnsemble` or a `FunctionTeacher`"
+    if isinstance(teacher, TeacherSource): return teacher
+    if isinstance(teacher, (list, tuple, L)): return TeacherEnsemble(list(teacher)) if len(teacher) > 1 else FrozenTeacher(teacher[0])
+    if callable(teacher) and not isinstance(teacher, (nn.Module, Learner)): return FunctionTeacher(teacher) # a plain function
+    return FrozenTeacher(teacher)

@@ -84,7 +84,7 @@ def test_hooks_cleaned_after_an_exception_and_a_second_fit(dls):
     learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=[kd, probe])
     with pytest.raises(Boom): quiet_fit(learn, 1)
     assert n_hooks(teacher) == 0 and teacher.training # the teacher is never left hooked or in eval mode
-    assert n_hooks(student) == 0 # fastai skipped after_fit, but FitGuard cleaned up as the exception left the fit
+    assert n_hooks(student) == 0 # fastai skipped after_fit, but `cleanup` ran as the exception left the fit
     probe.rows.clear()
     quiet_fit(learn, 1)          # the next fit hooks again
     assert probe.rows and all(r['hooks'] == 2 for r in probe.rows)
@@ -98,7 +98,8 @@ def test_fit_twice_and_remove_callback(dls):
     kd = KnowledgeDistillationCallback(teacher)
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
     quiet_fit(learn, 1); quiet_fit(learn, 1)
-    assert sum(isinstance(c, LossColumns) for c in learn.cbs) == 1
+    assert not any(isinstance(c, LossColumns) for c in learn.cbs) # attached for each fit only
+    assert list(learn.recorder.metric_names).count('soft_target') == 1
     learn.remove_cb(kd)
     assert kd not in learn.cbs and kd.columns not in learn.cbs
 
@@ -199,11 +200,8 @@ def test_export_leaves_the_teacher_out(tmp_path):
     teacher_bytes = sum(p.numel() * 4 for p in big.parameters())
     assert size_kd < size_plain + teacher_bytes / 10, (size_kd, size_plain, teacher_bytes)
     loaded = load_learner(tmp_path / 'with_kd.pkl')
-    cb = next(c for c in loaded.cbs if isinstance(c, KnowledgeDistillationCallback))
-    assert cb.teacher is None
-    loaded.predict(items[0][0]); loaded.predict(items[1][0]) # inference needs no teacher: the callback stays out of the way
-    loaded.dls = dls; quiet_fit(loaded, 1) # so does a fit without a teacher: no distillation, no error
-    assert cb.averages() == [None, None]
+    assert not any(type(c).__module__.startswith('kdcb') for c in loaded.cbs) # the callback stayed out of the file
+    loaded.predict(items[0][0]); loaded.predict(items[1][0]) # inference needs no teacher
 
 
 def test_errors_name_the_problem(dls):
@@ -212,8 +210,6 @@ def test_errors_name_the_problem(dls):
     with pytest.raises(ValueError, match='2 student layers'): KnowledgeDistillationCallback(t, 'attention', ['0', '2'], ['0'])
     with pytest.raises(ValueError, match='or neither'): KnowledgeDistillationCallback(t, 'attention', ['0'])
     with pytest.raises(ValueError, match='more than once'): KnowledgeDistillationCallback(t, 'attention', ['0', '0'], ['0', '2'])
-    with pytest.raises(ValueError, match='not both'):
-        KnowledgeDistillationCallback(t, 'attention', ['0'], ['0'], activations_student=['0'], activations_teacher=['0'])
     with pytest.raises(AttributeError, match="teacher has no layer '0.weight'"): KnowledgeDistillationCallback(t, 'attention', ['0'], ['0.weight'])
     with pytest.raises(TypeError, match='nn.Module or a Learner'): KnowledgeDistillationCallback('resnet34')
     with pytest.warns(UserWarning, match='hooked for nothing'): KnowledgeDistillationCallback(t, 'soft_target', ['0'], ['0'])
@@ -226,16 +222,6 @@ def test_errors_name_the_problem(dls):
     assert "student '0' / teacher '0'" in ' '.join(getattr(e.value, '__notes__', [])) or "student '0' / teacher '0'" in str(e.value)
     with pytest.raises(ValueError, match='needs a scalar'):
         quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, lambda pred, teacher_pred: (pred - teacher_pred).pow(2)))
-    assert n_hooks(learn.model, t) == 0
-
-
-def test_fasterai_style_calls(dls):
-    "Code written for fasterai's callback runs unchanged: the loss class, positional layers, activations_* keywords"
-    t = conv(8)
-    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat())
-    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, SoftTarget, weight=0.5))
-    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, Attention, ['1'], ['1'], weight=0.9))
-    quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(t, Attention, activations_student=['1'], activations_teacher=['1']))
     assert n_hooks(learn.model, t) == 0
 
 

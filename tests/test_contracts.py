@@ -5,7 +5,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from kdcb.unlabelled import add_unlabelled
+from kdcb.data import add_unlabelled
 from kdcb.online import MutualLearning, DeepSupervision, born_again, teacher_chain
 from conftest import toy_dls, mlp, conv, quiet_fit
 
@@ -192,11 +192,11 @@ def test_non_target_distribution_leaves_the_target_out_at_any_logit_scale(which)
     (lambda: __import__('kdcb.losses', fromlist=['x']).MGDLoss(4.5, 4), 'num_student_channels=4.5 must be a positive'),
     (lambda: __import__('kdcb.contrastive', fromlist=['x']).InfoNCE(4, 4, dim=0), 'dim=0 must be a positive'),
     (lambda: __import__('kdcb.contrastive', fromlist=['x']).CRD(4, 4, dim=0), 'dim=0 must be a positive'),
-    (lambda: __import__('kdcb.multilabel', fromlist=['x']).DetectionHeadKD(2, fg_threshold=2.), 'fg_threshold=2.0 must lie in [0, 1]'),
-    (lambda: __import__('kdcb.multilabel', fromlist=['x']).DetectionHeadKD(2, beta=-1.), 'beta=-1.0 must be >= 0'),
+    (lambda: __import__('kdcb.detection', fromlist=['x']).DetectionHeadKD(2, fg_threshold=2.), 'fg_threshold=2.0 must lie in [0, 1]'),
+    (lambda: __import__('kdcb.detection', fromlist=['x']).DetectionHeadKD(2, beta=-1.), 'beta=-1.0 must be >= 0'),
     (lambda: __import__('kdcb.online', fromlist=['x']).Progressive(0., 1., stages=2.5), 'whole number of at least 2 stages'),
     (lambda: __import__('kdcb.online', fromlist=['x']).EMATeacher(mlp(), warmup='no'), "warmup='no' must be True or False"),
-    (lambda: __import__('kdcb.unlabelled', fromlist=['x']).LabelledOnly(label=1.5), 'label=1.5 must be an int'),
+    (lambda: __import__('kdcb.data', fromlist=['x']).LabelledOnly(label=1.5), 'label=1.5 must be an int'),
 ], ids=['attention_p', 'pkt_eps', 'rkd_weight', 'ab_margin', 'mgd_lambda', 'mgd_channels', 'info_nce_dim', 'crd_dim',
         'detection_fg', 'detection_beta', 'progressive_stages', 'ema_warmup', 'labelled_only_label'])
 def test_hyper_parameters_are_checked_at_construction(make, msg):

@@ -6,8 +6,8 @@ import pytest, torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from kdcb.all import *
-from kdcb.multilabel import DetectionHeadKD
-from kdcb.unlabelled import UNLABELLED
+from kdcb.detection import DetectionHeadKD
+from kdcb.data import UNLABELLED
 from conftest import quiet_fit
 
 _spec = importlib.util.spec_from_file_location('detection', Path(__file__).parents[1] / 'benchmarks' / 'detection.py')

@@ -6,11 +6,11 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from kdcb.callback import KnowledgeDistillationCallback
+from kdcb.callback import KnowledgeDistillationCallback, Outputs
 from kdcb.distill import Connected
 from kdcb.losses import SoftTarget, HiddenStateCosine, FitNet
 from kdcb.match import depth_pairs
-from kdcb.teachers import FunctionTeacher
+from kdcb.teachers import FunctionTeacher, FrozenTeacher
 from kdcb.lm import KeywordInputs
 from conftest import quiet_fit
 
@@ -59,7 +59,7 @@ def kl_tokens(zs, zt, keep, T):
 
 def test_gpt2_end_to_end_shifted_labels():
     teacher, student = gpt2(2, 32, 0), gpt2(1, 16, 1)
-    kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=2), weight=0.5, shift_labels=True)
+    kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=2), weight=0.5, outputs=Outputs(shift_labels=True))
     learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=[kd, spy := Last()])
     w0 = [p.detach().clone() for p in teacher.parameters()]
     quiet_fit(learn, 1, 1e-3)
@@ -88,7 +88,7 @@ def test_hf_labels_match_the_models_own_loss():
 def test_function_teacher_and_output_fn():
     teacher, student = gpt2(2, 32, 0).eval(), gpt2(1, 16, 1)
     fn = lambda ids: teacher(input_ids=ids) # a plain callable, e.g. one passing keyword arguments
-    kd = KnowledgeDistillationCallback(fn, SoftTarget(T=1), weight=0.5, shift_labels=True, output_fn=lambda o: o.logits / 2)
+    kd = KnowledgeDistillationCallback(fn, SoftTarget(T=1), weight=0.5, outputs=Outputs(shift_labels=True, output_fn=lambda o: o.logits / 2))
     assert isinstance(kd.teacher, FunctionTeacher)
     learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=[kd, spy := Last()])
     quiet_fit(learn, 1, 1e-3)
@@ -102,7 +102,7 @@ def test_function_teacher_and_output_fn():
 def test_shift_labels_refuses_class_outputs(dls):
     from conftest import mlp
     from fastai.losses import CrossEntropyLossFlat
-    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillationCallback(mlp(), shift_labels=True))
+    learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillationCallback(mlp(), outputs=Outputs(shift_labels=True)))
     with pytest.raises(ValueError, match='causal language models only'): quiet_fit(learn)
 
 
@@ -138,7 +138,7 @@ def test_bert_hidden_states_with_attention_mask(use_mask):
     def cosine(out_s, out_t, attention_mask=None): return HiddenStateCosine()(out_s, out_t, attention_mask=attention_mask) # no labels
     kd = KnowledgeDistillationCallback(t, ['soft_target', Connected(cosine, pairs.connectors())],
                                        pairs['student'], pairs['teacher'], weight=[0.25, 0.25], distill_valid=True,
-                                       attention_mask=1 if use_mask else None)
+                                       outputs=Outputs(attention_mask=1 if use_mask else None))
     learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=mlm_loss, cbs=kd)
     c0 = [p.detach().clone() for p in kd.kd_loss.parameters()]
     quiet_fit(learn, 1, 1e-3)
@@ -160,7 +160,7 @@ def test_gpt2_fitnet_hidden_states_leave_padding_out(how):
     assert pairs['teacher'] == ['model.transformer.h.1', 'model.transformer.h.3']
     loss = Connected(FitNet(tokens=True), pairs.connectors()) if how == 'connected' else FitNet(32, 128, tokens=True)
     kd = KnowledgeDistillationCallback(t, ['soft_target', loss], pairs['student'], pairs['teacher'], weight=[0.25, 0.25],
-                                       shift_labels=True, distill_valid=True, attention_mask=None if how == 'no mask' else 1)
+                                       distill_valid=True, outputs=Outputs(shift_labels=True, attention_mask=None if how == 'no mask' else 1))
     learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=hf_causal_loss, cbs=kd)
     quiet_fit(learn, 1, 1e-3)
     seen = [] # the teacher's last paired block, at every batch
@@ -177,9 +177,9 @@ def test_gpt2_fitnet_hidden_states_leave_padding_out(how):
 
 
 def test_teacher_on_its_own_device_returns_a_plain_dict():
-    "With teacher_device the ModelOutput comes back through fastai's `to_device` as a plain dict: still its logits"
+    "With a teacher device the ModelOutput comes back through fastai's `to_device` as a plain dict: still its logits"
     teacher, student = gpt2(2, 32, 0), gpt2(1, 16, 1)
-    kd = KnowledgeDistillationCallback(teacher, 'soft_target', shift_labels=True, teacher_device='cpu')
+    kd = KnowledgeDistillationCallback(FrozenTeacher(teacher, device='cpu'), 'soft_target', outputs=Outputs(shift_labels=True))
     learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=kd)
     quiet_fit(learn, 1, 1e-3)
     assert learn.recorder.values[-1][-1] > 0 # the soft_target column
@@ -192,7 +192,7 @@ def test_topk_cache_through_the_callback():
     calls = []
     h = teacher.register_forward_pre_hook(lambda m, i: calls.append(1))
     src = TopKCachedTeacher(FrozenTeacher(teacher), k=5)
-    kd = KnowledgeDistillationCallback(src, SoftTarget(T=2), shift_labels=True)
+    kd = KnowledgeDistillationCallback(src, SoftTarget(T=2), outputs=Outputs(shift_labels=True))
     learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=kd)
     quiet_fit(learn, 3, 1e-3)
     h.remove()
@@ -203,8 +203,9 @@ def test_topk_cache_through_the_callback():
     assert TopKCachedTeacher.nbytes(48, 12, V, 5) == vals.nbytes + idx.nbytes + fill.nbytes
     x = causal_dls().train_ds[0][0][None]
     with torch.no_grad(): z = teacher.eval()(x).logits
-    item = next(i for i in range(48) if torch.equal(learn.dls.train_ds[i][0], x[0]))
-    assert torch.allclose(vals[item].float(), z[0].topk(5, -1).values, atol=1e-2) # the teacher's logits, not log-probabilities
+    from kdcb.teachers import _fingerprint
+    row = src.cache['rows'][_fingerprint((x,)).tolist()[0]] # the cache knows an item by its inputs
+    assert torch.allclose(vals[row].float(), z[0].topk(5, -1).values, atol=1e-2) # the teacher's logits, not log-probabilities
 
 
 def test_attention_transfer_gpt2_and_bert():
@@ -215,13 +216,13 @@ def test_attention_transfer_gpt2_and_bert():
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=heads, vocab_size=V,
             n_positions=32, bos_token_id=0, eos_token_id=0, output_attentions=True, attn_implementation='eager'))
     teacher, student = eager_gpt2(4, 32, 4, 0), eager_gpt2(2, 16, 2, 1)
-    kd = KnowledgeDistillationCallback(teacher, ['soft_target', AttentionKL()], weight=[0.3, 0.2], shift_labels=True)
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', AttentionKL()], weight=[0.3, 0.2], outputs=Outputs(shift_labels=True))
     learn = Learner(causal_dls(), student, loss_func=hf_causal_loss, cbs=kd)
     quiet_fit(learn, 2, 3e-3)
     first, last = learn.recorder.values[0][-1], learn.recorder.values[-1][-1]
     assert 0 < last < first, (first, last) # the student's attention moves towards the teacher's
     # a model without attention probabilities is refused with the fix
-    kd = KnowledgeDistillationCallback(gpt2(2, 32, 0), AttentionKL(), shift_labels=True)
+    kd = KnowledgeDistillationCallback(gpt2(2, 32, 0), AttentionKL(), outputs=Outputs(shift_labels=True))
     learn = Learner(causal_dls(), gpt2(1, 16, 1), loss_func=hf_causal_loss, cbs=kd)
     with pytest.raises(ValueError, match="attn_implementation='eager'"): quiet_fit(learn)
     # BERT with padding: queries on padding are left out
@@ -240,7 +241,7 @@ def test_value_relation_bert_through_the_callback(use_mask):
     s, t = bert(2, 16, 0), bert(4, 32, 1)
     kd = KnowledgeDistillationCallback(t, ValueRelation(heads=2), ['bert.encoder.layer.1.attention.self.value'],
                                        ['bert.encoder.layer.3.attention.self.value'], weight=0.9, distill_valid=True,
-                                       attention_mask=1 if use_mask else None)
+                                       outputs=Outputs(attention_mask=1 if use_mask else None))
     learn = Learner(padded_mlm_dls(torch.zeros(32, 10, dtype=torch.long)), s, loss_func=mlm_loss, cbs=kd)
     quiet_fit(learn, 1, 1e-3)
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()

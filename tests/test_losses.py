@@ -343,3 +343,13 @@ def test_degenerate_features_have_finite_gradients():
     s4 = torch.zeros(3, 2, 4, 4, requires_grad=True)
     l = Attention()(s4, torch.randn(3, 2, 4, 4)); l.backward()
     assert torch.isfinite(l) and torch.isfinite(s4.grad).all()
+
+
+def test_loss_names_follow_one_convention():
+    "Every registered loss class is registered under the snake_case of its CamelCase name (acronyms one word: DecoupledKD, decoupled_kd)"
+    from fastcore.basics import camel2snake
+    from kdcb.core import _LOSSES
+    import kdcb.all # every module that registers losses
+    classes = {k: v for k, v in _LOSSES.items() if isinstance(v, type)}
+    assert len(classes) >= 20
+    for key, cls in classes.items(): assert key == camel2snake(cls.__name__).lower(), (key, cls.__name__)

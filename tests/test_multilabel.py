@@ -7,7 +7,8 @@ from torch.distributions import Bernoulli, kl_divergence
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat
 from kdcb.all import *
-from kdcb.multilabel import SigmoidKD, DetectionHeadKD, ImportanceFeatureKD, binary_kl
+from kdcb.multilabel import SigmoidKD, binary_kl
+from kdcb.detection import DetectionHeadKD, ImportanceFeatureKD
 from conftest import quiet_fit
 
 torch.set_num_threads(1)

@@ -8,8 +8,9 @@ from fastai.learner import Learner
 from fastai.optimizer import SGD
 from fastai.torch_core import set_seed
 import fastai.callback.progress, fastai.callback.schedule  # Learner.no_bar, Learner.lr_find
-from kdcb.callback import KnowledgeDistillationCallback
+from kdcb.callback import KnowledgeDistillationCallback, Outputs
 from kdcb.losses import SoftTarget
+from kdcb.teachers import CachedTeacher
 from kdcb.lm import OnPolicy, TokenAccumulation, Responses, KeywordInputs, causal_lm_loss
 
 transformers = pytest.importorskip('transformers')
@@ -30,9 +31,9 @@ def lm(kind, layers, d, seed):
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=EOS, eos_token_id=EOS))
 
 
-def distiller(teacher, weight=1., **kw):
+def distiller(teacher, weight=1.):
     "The distillation callback of these tests: the one place that says how causal-LM outputs are aligned"
-    return KnowledgeDistillationCallback(teacher, SoftTarget(T=1), weight=weight, shift_labels=True, attention_mask=1, **kw)
+    return KnowledgeDistillationCallback(teacher, SoftTarget(T=1), weight=weight, outputs=Outputs(shift_labels=True, attention_mask=1))
 
 
 def responses(n=16, seed=0):
@@ -261,7 +262,8 @@ def test_bad_settings_are_refused_with_the_fix():
     with pytest.raises(ValueError, match='needs a KnowledgeDistillationCallback'): fit(learner('gpt2'), OnPolicy(pad_token_id=EOS))
     with pytest.raises(ValueError, match='shift_labels=True'):
         fit(learner('gpt2'), KnowledgeDistillationCallback(t, SoftTarget()), OnPolicy(pad_token_id=EOS))
-    with pytest.raises(ValueError, match='cache_teacher=False'): fit(learner('gpt2'), distiller(t, cache_teacher=True), OnPolicy(pad_token_id=EOS))
+    with pytest.raises(ValueError, match='give the callback the teacher itself'):
+        fit(learner('gpt2'), distiller(CachedTeacher(t)), OnPolicy(pad_token_id=EOS))
     with pytest.raises(ValueError, match='pass `pad_token_id=` to OnPolicy'): fit(learner('gpt2'), distiller(t), OnPolicy())
     learn = learner('gpt2'); learn.model = nn.Sequential(learn.model) # no `generate`
     with pytest.raises(TypeError, match='has no `generate` method'): fit(learn, distiller(t), OnPolicy(pad_token_id=EOS))

@@ -7,7 +7,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 import fastai.callback.progress  # Learner.no_bar
-from kdcb.callback import KnowledgeDistillationCallback
+from kdcb.callback import KnowledgeDistillationCallback, Outputs
 from kdcb.losses import SoftTarget
 from kdcb.lm import (Responses, generate_responses, causal_lm_loss, KeywordInputs, TokenSoftTarget, distilbert_recipe,
                             as_prompts)
@@ -175,7 +175,7 @@ def test_student_learns_the_responses_and_word_level_kd_on_them():
     assert math.isfinite(after) and after < before, (before, after)
     # word-level KD on the same items: the mixed loss is 0.5·CE + 0.5·T²·KL over the labelled (response) positions
     learn = Learner(dls, KeywordInputs(gpt2(1, 16, 1)), loss_func=causal_lm_loss,
-                    cbs=[KnowledgeDistillationCallback(KeywordInputs(teacher), SoftTarget(T=2), shift_labels=True, attention_mask=1),
+                    cbs=[KnowledgeDistillationCallback(KeywordInputs(teacher), SoftTarget(T=2), outputs=Outputs(shift_labels=True, attention_mask=1)),
                          spy := Spy()])
     quiet_fit(learn, 1, 1e-2)
     mixed, zs, x, m, y = spy.seen
@@ -204,7 +204,7 @@ def test_distilbert_loss_is_the_hand_computed_mix(s_width, restrict):
     s, t, dls = bert(2, s_width, 0), bert(4, 32, 1), mlm_dls()
     x0, m0, _ = dls.one_batch()
     recipe = distilbert_recipe(s, t, (x0[:2], m0[:2]), restrict_ce_to_mask=restrict)
-    assert recipe['weight'] == [0.625, 0.125] and recipe['attention_mask'] == 1
+    assert recipe['weight'] == [0.625, 0.125] and recipe['outputs'].attention_mask == 1
     assert (list(recipe['student_layers']), list(recipe['teacher_layers'])) == (['bert.encoder.layer.1'], ['bert.encoder.layer.3'])
     kd = KnowledgeDistillationCallback(t, **recipe)
     learn = Learner(dls, s, loss_func=mlm_loss, cbs=[kd, spy := Spy()])

@@ -60,7 +60,7 @@ def test_several_teachers_one_forward_each_and_the_mean_of_their_logits(dls):
     seen = []
     def grab(pred, teacher_pred, fm_t):
         seen.append((teacher_pred, list(fm_t.values())[0].shape)); return (pred - teacher_pred).pow(2).mean()
-    kd = KnowledgeDistillationCallback([t1, t2], grab, ['0'], ['0'], teacher_weights=[.25, .75], feature_teacher=1)
+    kd = KnowledgeDistillationCallback(TeacherEnsemble([t1, t2], weights=[.25, .75], feature_index=1), grab, ['0'], ['0'])
     rec = Record(kd)
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=[kd, rec])
@@ -68,13 +68,13 @@ def test_several_teachers_one_forward_each_and_the_mean_of_their_logits(dls):
     assert seen[0][1][1] == 24  # features from the chosen teacher
     _, _, x, teacher_pred = rec.rows[0]
     with torch.no_grad(): torch.testing.assert_close(teacher_pred, .25 * t1(x) + .75 * t2(x))
-    with pytest.raises(ValueError, match='teacher_weights'): KnowledgeDistillationCallback([t1, t2], teacher_weights=[1.])
-    with pytest.raises(ValueError, match='feature_teacher=2'): KnowledgeDistillationCallback([t1, t2], feature_teacher=2)
+    with pytest.raises(ValueError, match='1 weights for 2 teachers'): TeacherEnsemble([t1, t2], weights=[1.])
+    with pytest.raises(ValueError, match='feature_index=2'): TeacherEnsemble([t1, t2], feature_index=2)
 
 
 def test_teacher_in_bfloat16(dls):
     teacher = mlp(h=32)
-    kd = KnowledgeDistillationCallback(teacher, 'soft_target', teacher_dtype=torch.bfloat16)
+    kd = KnowledgeDistillationCallback(FrozenTeacher(teacher, dtype=torch.bfloat16), 'soft_target')
     rec = Record(kd)
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=[kd, rec])
@@ -87,7 +87,7 @@ def test_teacher_on_another_device(dls):
     "The student trains on the CPU while the teacher runs on the GPU; outputs come back to the student's device"
     teacher, seen = conv(8), []
     teacher.register_forward_pre_hook(lambda m, i: seen.append(next(m.parameters()).device.type))
-    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'], teacher_device='cuda')
+    kd = KnowledgeDistillationCallback(FrozenTeacher(teacher, device='cuda'), ['soft_target', 'attention'], ['1'], ['1'])
     learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=kd)
     assert seen and set(seen) == {'cuda'} # it ran on the GPU...
@@ -109,7 +109,7 @@ def test_cached_teacher_trains_exactly_like_the_live_teacher():
         set_seed(0)  # torch and python's random, which drives fastai's shuffling
         dls, student = _tfmd_dls(), mlp()
         learn = Learner(dls, student, loss_func=CrossEntropyLossFlat())
-        quiet_fit(learn, 3, cbs=KnowledgeDistillationCallback(teacher, 'soft_target', cache_teacher=cache))
+        quiet_fit(learn, 3, cbs=KnowledgeDistillationCallback(CachedTeacher(teacher) if cache else teacher, 'soft_target'))
         return [p.detach() for p in student.parameters()]
     for a, b in zip(train(False), train(True)): torch.testing.assert_close(a, b)
 
@@ -121,13 +121,13 @@ def test_cache_refuses_random_augmentation():
         def encodes(self, x: torch.Tensor): return x + torch.randn_like(x) if x.is_floating_point() else x
     learn = Learner(_tfmd_dls(after_batch=[Jitter()]), mlp(), loss_func=CrossEntropyLossFlat())
     with pytest.raises(ValueError, match=r"random augmentations \(training only\)"):
-        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(mlp(h=32), cache_teacher=True))
+        quiet_fit(learn, 1, cbs=KnowledgeDistillationCallback(CachedTeacher(mlp(h=32))))
 
     class SneakyJitter(Transform):  # random, but not declared training-only: caught by the input fingerprints
         def encodes(self, x: torch.Tensor): return x + torch.randn_like(x) if x.is_floating_point() else x
     learn = Learner(_tfmd_dls(after_batch=[SneakyJitter()]), mlp(), loss_func=CrossEntropyLossFlat())
     with pytest.raises(RuntimeError, match='changed between epochs'):
-        quiet_fit(learn, 2, cbs=KnowledgeDistillationCallback(mlp(h=32), cache_teacher=True))
+        quiet_fit(learn, 2, cbs=KnowledgeDistillationCallback(CachedTeacher(mlp(h=32))))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
