@@ -336,7 +336,7 @@ class KnowledgeDistillationCallback(FitCallback):
         if len(self.student_layers):
             self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
             self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
-        if (p := first_float(self.model)) is not None: self.kd_loss.to(p.device)
+        if (p := first_float(self.model)) is not None: self.kd_loss.to(device=p.device, dtype=p.dtype) # float64 models get float64 loss parts
         _check_mixing(self.learn, self.kd_loss)
         self.parts.enter(self.learn, [self.kd_loss])
 
@@ -386,7 +386,8 @@ class KnowledgeDistillationCallback(FitCallback):
 
     def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
         "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
-        return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
+        return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None),
+                'teacher': self.teacher.state_dict()} # e.g. an `EMATeacher`'s average
 
     def load_state_dict(self, state:dict): # as returned by `state_dict`
         "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
@@ -394,3 +395,4 @@ class KnowledgeDistillationCallback(FitCallback):
         except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
             f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
         self.parts.saved = list(state.get('optimizer', []))
+        self.teacher.load_state_dict(state.get('teacher', {}))

@@ -333,7 +333,9 @@ class TokenAccumulation(GradientAccumulation):
                  shift_labels:bool=True, # labels = input_ids (Hugging Face's convention): the first label of each sequence is never scored
                 ): super().__init__(_check_count('n_acc', n_acc, 'the items to accumulate before a step')); self.shift_labels = shift_labels
 
-    def before_fit(self): super().before_fit(); self.tokens = 0
+    def before_fit(self):
+        super().before_fit(); self.tokens = 0
+        if self.opt is not None: self.opt.zero_grad() # an earlier fit's unfinished accumulation is not this fit's
     def after_loss(self): # the batch's mean over its tokens becomes their sum
         n = self.scored()
         self.tokens += n

@@ -99,6 +99,11 @@ class EMATeacher(TeacherSource):
         if self._snap is not None: load_snapshot([self.model], self._snap[0]); self.n_updates = self._snap[1]
         self._snap = None
 
+    def state_dict(self)->dict: return {'model': self.model.state_dict(), 'n_updates': self.n_updates} # the average, to resume
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load an average saved by `state_dict`"
+        self.model.load_state_dict(state['model']); self.n_updates = state['n_updates']
+
     def __getstate__(self): # a pickled source (e.g. inside a callback) carries neither learner nor updater
         return {**self.__dict__, '_cb': None, '_snap': None}
 
@@ -192,6 +197,16 @@ class MutualLearning(FitCallback):
         self.parts.leave(self.learn)
         self.peer_preds = None
 
+    def state_dict(self)->dict: # {'peers': each peer's state_dict, 'optimizer': their parameters' optimizer state}
+        "The peers and their optimizer state, to resume training"
+        return {'peers': [m.state_dict() for m in self.peers], 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load what `state_dict` saved into a callback with as many peers; the optimizer state joins at the next fit"
+        if len(state['peers']) != len(self.peers): raise ValueError(
+            f"The saved state holds {len(state['peers'])} peers, this callback {len(self.peers)}: build it with the same peers.")
+        for m, s in zip(self.peers, state['peers']): m.load_state_dict(s)
+        self.parts.saved = list(state.get('optimizer', []))
+
     def peer_learner(self, i:int, # 1 for the first peer, ... (0: the learner's own model)
                     )->Learner:
         "A plain `Learner` of student `i` on the same data, loss and metrics: to validate, predict with or `export` it alone"
@@ -283,11 +298,14 @@ class DeepSupervision(FitCallback):
         if self.hooks: self.hooks.remove()
         self.parts.leave(self.learn)
 
-    def state_dict(self)->dict: return {} if self.heads is None else self.heads.state_dict() # the heads, to resume
+    def state_dict(self)->dict: # {'heads': their state_dict, 'optimizer': their parameters' optimizer state}
+        "The heads and their optimizer state, to resume training"
+        return {'heads': {} if self.heads is None else self.heads.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
     def load_state_dict(self, state:dict):
-        "Load heads saved by `state_dict` (the callback must have built them: after a fit, or with `build_heads`)"
+        "Load what `state_dict` saved (the callback must have built its heads: after a fit, or with `build_heads`); the optimizer state joins at the next fit"
         if self.heads is None: raise ValueError("The heads do not exist yet: call `build_heads(learn)` (or fit once) before loading.")
-        self.heads.load_state_dict(state)
+        self.heads.load_state_dict(state['heads'])
+        self.parts.saved = list(state.get('optimizer', []))
 
     def build_heads(self, learn:Learner):
         "Build the heads for `learn`'s model now (to load saved ones before fitting)"

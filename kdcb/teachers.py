@@ -25,6 +25,10 @@ class TeacherSource:
     def enter(self, learn:Learner): "Get ready for a fit of `learn`"
     def __call__(self, xb:tuple): raise NotImplementedError # the teacher's output for inputs `xb`, without gradients
     def exit(self): "Undo what `enter` did; safe to call twice, and after a fit that raised"
+    def state_dict(self)->dict: return {} # what training changes in the source (e.g. an `EMATeacher`'s average), to resume
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load what `state_dict` saved"
+        if state: raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}: load it into the source that saved it.")
 
 def _pipeline(dls)->list[str]|None: # the deterministic transforms a batch goes through, as readable strings
     dl = getattr(dls, 'valid', None)

@@ -63,12 +63,13 @@ def test_a_fit_that_raises_leaves_nothing_behind(dls, exc, how):
         assert all(v is not None for v in kd.averages())
 
 
-def exportable(dls):
-    "The toy data as fastai `Datasets`, which `Learner.export` can empty"
+def exportable(dls, bs=32, **kw):
+    "The toy data as fastai `Datasets`, which `Learner.export` can empty (`kw`: for `dataloaders`, e.g. `shuffle=False`)"
     from fastai.data.core import Datasets
     from fastai.data.transforms import ItemGetter
     items = list(dls.train.dataset) + list(dls.valid.dataset)
-    return Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(192)), list(range(192, 256))]).dataloaders(bs=32)
+    n = len(dls.train.dataset)
+    return Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n)), list(range(n, len(items)))]).dataloaders(bs=bs, **kw)
 
 
 def test_the_patches_of_learner_are_installed_once_and_named(dls):
@@ -284,71 +285,6 @@ def _fitnet_kd(teacher):
                                          ['1'], ['1'], weight=[.4, .1])
 
 
-def test_lr_find_leaves_loss_parts_and_optimizer_as_before(dls, tmp_path):
-    import warnings
-    teacher = conv(8)
-    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
-    kd = _fitnet_kd(teacher)
-    learn.add_cb(kd)
-    quiet_fit(learn, 1)
-    parts = {k: v.clone() for k, v in kd.kd_loss.state_dict().items()}
-    model = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', UserWarning) # "Could not load the optimizer state" would fail here
-        with learn.no_bar(), learn.no_logging(): learn.lr_find(show_plot=False)
-    assert all(torch.equal(v, kd.kd_loss.state_dict()[k]) for k, v in parts.items()) # the connector is as before lr_find
-    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in model.items())
-    before = learn.validate()[0]
-    quiet_fit(learn, 1)
-    assert learn.validate()[0] < before * 1.5 # training goes on from where it was, not from a connector wrecked at lr 10
-
-
-def _parts_case(kind):
-    "A callback with trained parts (and the modules holding them): the pieces lr_find must put back"
-    student = conv()
-    if kind == 'connector': cb = _fitnet_kd(conv(8)); mods = [cb.kd_loss]
-    elif kind == 'balancer':
-        cb = KnowledgeDistillationCallback(conv(8), ['soft_target', 'logits'], weight=UncertaintyBalance(0.5)); mods = [cb.kd_loss]
-    elif kind == 'peers': cb = MutualLearning(conv()); mods = cb.peers
-    else: cb = DeepSupervision(['1']); mods = None # the heads are built at the first fit
-    return student, cb, mods
-
-
-def _opt_state(learn, params):
-    return [{k: v.clone() for k, v in learn.opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
-
-
-@pytest.mark.parametrize('kind', ['connector', 'balancer', 'peers', 'heads'])
-def test_lr_find_then_fit_equals_fit_alone(kind):
-    "Before: lr_find put the trained parts' values back but not their optimizer state: the next fit started from lr_find's moments"
-    import warnings
-    from fastai.torch_core import set_seed
-    def run(find):
-        set_seed(0)
-        x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0)); y = x[:, :3].argmax(1)
-        ds = list(zip(x, y))
-        dls = DataLoaders(DataLoader(ds[:96], bs=16), DataLoader(ds[96:], bs=32)) # no shuffling: the same batches in every fit
-        student, cb, mods = _parts_case(kind)
-        learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=cb)
-        quiet_fit(learn, 1) # the parts have optimizer state now
-        if find:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=20, show_plot=False)
-        seen = []
-        class Look(Callback): # the parts' optimizer state as the first step of the next fit finds it
-            order = 99
-            def before_step(self):
-                if not seen: seen.append(_opt_state(learn, [p for m in (mods or [cb.heads]) for p in m.parameters() if p.requires_grad]))
-        quiet_fit(learn, 1, cbs=Look())
-        vals = [v.clone() for m in (mods or [cb.heads]) for v in m.state_dict().values()] + [p.detach().clone() for p in student.parameters()]
-        return vals, seen[0]
-    (v1, s1), (v2, s2) = run(False), run(True)
-    assert s1 and all(s for s in s1)
-    for a, b in zip(s1, s2): assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for a, b in zip(v1, v2): assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize('how', ['save_load', 'export'])
 def test_fit_again_after_save_load_or_export(dls, tmp_path, how):
     "Before: KeyError 'Parameter containing' (the loaded optimizer had no state for the loss parameters)"
@@ -360,33 +296,6 @@ def test_fit_again_after_save_load_or_export(dls, tmp_path, how):
     else: learn.save('s', with_opt=True); learn.load('s', with_opt=True)
     quiet_fit(learn, 1, cbs=kd)
     assert learn.recorder.losses and all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
-
-
-def test_resume_restores_loss_parts_and_their_optimizer_state(dls, tmp_path):
-    "learn.save/load plus kd.state_dict() resume a fit: the connector's weights and its Adam moments come back"
-    import io
-    teacher = conv(8)
-    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
-    kd = _fitnet_kd(teacher)
-    quiet_fit(learn, 1, cbs=kd)
-    learn.save('ckpt', with_opt=True)
-    buf = io.BytesIO(); torch.save(kd.state_dict(), buf)
-    state = kd.state_dict()
-    assert state['optimizer'] and 'grad_avg' in state['optimizer'][0] # Adam's first moment
-    learn2 = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), path=tmp_path)
-    learn2.create_opt(); learn2.load('ckpt', with_opt=True)
-    kd2 = _fitnet_kd(teacher)
-    buf.seek(0); kd2.load_state_dict(torch.load(buf))
-    for a, b in zip(kd.kd_loss.parameters(), kd2.kd_loss.parameters()): assert torch.equal(a, b)
-    seen = []
-    class Look(Callback):
-        order = 7
-        def before_batch(self):
-            if self.training and not seen: seen.append({k: v.clone() for k, v in learn2.opt.state[next(kd2.kd_loss.parameters())].items()
-                                                       if isinstance(v, torch.Tensor)})
-    quiet_fit(learn2, 1, cbs=[kd2, Look()])
-    ref = {k: v for k, v in state['optimizer'][0].items() if isinstance(v, torch.Tensor)}
-    assert seen and ref and all(torch.equal(seen[0][k], v) for k, v in ref.items()) # the moments came back before the first step
 
 
 def test_mixup_refuses_losses_that_need_labels(dls):
