@@ -213,7 +213,7 @@ def test_lr_find_then_fit_equals_fit_alone(case):
         if find:
             with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
                 warnings.simplefilter('ignore')
-                learn.lr_find(num_it=8, show_plot=False, suggest_funcs=None)
+                learn.lr_find(num_it=3, show_plot=False, suggest_funcs=None) # 3 steps, at rates up to 10
         fit(learn)
         return state(learn, cbs)
     assert_same(run(False), run(True))
