@@ -20,3 +20,4 @@ from .responses import *
 from . import core, losses, match, teachers, distill, callback, unlabelled, online, contrastive, multilabel, responses
 __all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
            *unlabelled.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *responses.__all__]
+from .divergences import *; from kdcb import divergences; __all__ += divergences.__all__
