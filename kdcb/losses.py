@@ -37,9 +37,9 @@ def masked_mean(x:Tensor, # per-position losses, shaped like the logits without 
 def _same_classes(s:Tensor, t:Tensor):
     "Refuse student and teacher logits of different shapes; different vocabularies are pointed to `ULD`"
     if s.shape[-1] != t.shape[-1]: raise ValueError(
-        f"The student's logits {tuple(s.shape)} have {s.shape[-1]} classes and the teacher's {tuple(t.shape)} have {t.shape[-1]}: "
-        "output losses compare the same classes in the same order. For language models with different tokenizers use "
-        "`ULD` ('uld', in kdcb.divergences), which compares sorted probabilities.")
+        f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape: the student has {s.shape[-1]} "
+        f"classes and the teacher {t.shape[-1]}, but output losses compare the same classes in the same order. For language "
+        "models with different tokenizers (vocabularies) use `ULD` ('uld', in kdcb.divergences), which compares sorted probabilities.")
     if s.shape != t.shape: raise ValueError(f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} "
                                             "differ in shape: output losses need the same classes in the same order.")
 
