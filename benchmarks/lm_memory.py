@@ -1,14 +1,14 @@
 """Peak memory of one distilled training step of a causal language model, divided by the plain fine-tuning step's, at
 real vocabularies: each divergence of `kdcb.divergences` (computed over chunks of positions) and `SoftTarget(T=2)`.
 
-Run: python benchmarks/lm_memory.py [--vocabs 50257,128256] [--archs gpt2,llama] [--bs 8] [--L 256] [--variants ...]
+Run: python benchmarks/lm_memory.py [--vocabs 50257,128256] [--archs gpt2,llama] [--bs 8] [--L 256] [--variants ...] [--jobs 1] [--mem-gb 16]
 
 Models: a tiny GPT-2 (`GPT2LMHeadModel`) or Llama (`LlamaForCausalLM`) student, 2 blocks of width 64, distilled from a
 teacher of the same family, 4 blocks of width 128, both built from configs with the given vocabulary (nothing
 downloaded), float32, one batch of `--bs` random sequences of `--L` tokens with `labels = input_ids`.
 
-The step is a real one: a fastai `Learner` with `causal_lm_loss` fits one epoch of that one batch (then validates on
-it, which needs less memory than training); distilled, `KnowledgeDistillationCallback(teacher, loss, weight=0.5,
+The step is a real one: a fastai `Learner` with `causal_lm_loss` fits one epoch of that one batch (its validation
+phase is skipped); distilled, `KnowledgeDistillationCallback(teacher, loss, weight=0.5,
 shift_labels=True)` is added. Temperatures are 2 for every loss.
 
 How memory is measured. CPU: PyTorch's CPU allocator keeps no statistics, so every (architecture, vocabulary, variant)
@@ -20,12 +20,14 @@ blocks go back to the kernel and the peak follows live memory rather than the al
 exists: `torch.cuda.max_memory_allocated` during the second fit minus `memory_allocated` before it, in the same child.
 The ratio is distilled / plain for the same architecture and vocabulary; 1 would mean distillation costs no memory.
 """
-import argparse, gc, json, os, platform, subprocess, sys
+import argparse, gc, json, os, platform, subprocess, sys, threading
+from concurrent.futures import ThreadPoolExecutor
 import torch
 import fastai, transformers
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from fastai.callback.core import Callback, CancelValidException
 from kdcb.all import *
 from overhead import MALLOC_ENV, peak_rss, reset_peak_rss
 
@@ -51,13 +53,18 @@ def model(arch:str, V:int, L:int, big:bool):
                                         num_attention_heads=d // 32, num_key_value_heads=d // 32, max_position_embeddings=L))
 
 
+class NoValidation(Callback):
+    "Skip the validation phase: the training step is what is measured"
+    def before_validate(self): raise CancelValidException()
+
+
 def child(a):
     "One (arch, vocabulary, variant) in this fresh process: (MiB before the step, peak MiB, CUDA MiB or None)"
     arch, V, variant = a.child.split(':', 2)
     V, dev = int(V), 'cuda' if torch.cuda.is_available() else 'cpu'
     x = torch.randint(0, V, (a.bs, a.L), generator=torch.Generator().manual_seed(0))
     dls = DataLoaders(DataLoader([(x, x)], bs=None), DataLoader([(x, x)], bs=None), device=dev)
-    learn = Learner(dls, model(arch, V, a.L, False), loss_func=causal_lm_loss)
+    learn = Learner(dls, model(arch, V, a.L, False), loss_func=causal_lm_loss, cbs=NoValidation())
     loss = VARIANTS[variant]
     cbs = (lambda: None) if loss is None else (lambda t=model(arch, V, a.L, True): kd_callback(t, loss()))
     fit = lambda: learn.fit(1, 1e-4, cbs=cbs())
@@ -76,6 +83,8 @@ def main():
     p.add_argument('--vocabs', default='50257,128256'); p.add_argument('--archs', default='gpt2,llama')
     p.add_argument('--bs', type=int, default=8); p.add_argument('--L', type=int, default=256)
     p.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated, from: ' + ', '.join(VARIANTS))
+    p.add_argument('--jobs', type=int, default=1, help='children run at once (each measures its own peak; mind the total memory)')
+    p.add_argument('--mem-gb', type=float, default=16., help='with --jobs: the estimated peaks of the children running at once stay under this')
     p.add_argument('--child', help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(1); transformers.logging.set_verbosity_error()
@@ -87,20 +96,27 @@ def main():
     print('\nstep MiB: peak RSS of the second (measured) one-batch fit minus RSS before it, fresh subprocess per row'
           + ('; cuda MiB: max_memory_allocated above the allocation before it' if torch.cuda.is_available() else '') + '\n')
     cuda = torch.cuda.is_available()
+    runs = [(arch, V, v) for arch in a.archs.split(',') for V in map(int, a.vocabs.split(',')) for v in variants]
+    lock, used = threading.Condition(), [0.]
+    def run(r):
+        arch, V, v = r
+        need = 1 + a.bs * a.L * V * 4 / 2**30 * (10 if v == 'soft_target' else 5) # GiB, a generous estimate of the child's peak
+        with lock:
+            lock.wait_for(lambda: used[0] == 0 or used[0] + need <= a.mem_gb); used[0] += need
+        try: return measure(arch, V, v)
+        finally:
+            with lock: used[0] -= need; lock.notify_all()
+    def measure(arch, V, v):
+        args = [sys.executable, __file__, '--child', f'{arch}:{V}:{v}', '--bs', str(a.bs), '--L', str(a.L)]
+        out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+        return (out.stderr.strip().splitlines() or ['?'])[-1] if out.returncode else json.loads(out.stdout.strip().splitlines()[-1])
+    with ThreadPoolExecutor(a.jobs) as ex: res = dict(zip(runs, ex.map(run, runs))) # each child measures its own peak
     print('| model | vocabulary | loss | step MiB | / plain |' + (' cuda MiB | / plain |' if cuda else '') + '\n|---|---|---|---|---|' + ('---|---|' if cuda else ''))
-    for arch in a.archs.split(','):
-        for V in map(int, a.vocabs.split(',')):
-            plain = None
-            for v in variants:
-                args = [sys.executable, __file__, '--child', f'{arch}:{V}:{v}', '--bs', str(a.bs), '--L', str(a.L)]
-                out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
-                if out.returncode: print(f'| {arch} | {V:,} | {v} | failed: {out.stderr.strip().splitlines()[-1]} | |', flush=True); continue
-                before, peak, cu = json.loads(out.stdout.strip().splitlines()[-1])
-                step = peak - before
-                if v == 'plain': plain = (step, cu)
-                ratio = f'{step / plain[0]:.2f}' if plain else ''
-                print(f'| {arch} | {V:,} | {v} | {step:,.0f} | {ratio} |'
-                      + (f' {cu:,.0f} | {cu / plain[1]:.2f} |' if cuda and plain else ''), flush=True)
-
+    for arch, V, v in runs:
+        r, p0 = res[arch, V, v], res[arch, V, 'plain']
+        if isinstance(r, str) or isinstance(p0, str): print(f'| {arch} | {V:,} | {v} | failed: {r if isinstance(r, str) else p0} | |'); continue
+        (before, peak, cu), (b0, pk0, cu0) = r, p0
+        print(f'| {arch} | {V:,} | {v} | {peak - before:,.0f} | {(peak - before) / (pk0 - b0):.2f} |'
+              + (f' {cu:,.0f} | {cu / cu0:.2f} |' if cuda else ''))
 
 if __name__ == '__main__': main()
