@@ -295,3 +295,15 @@ def test_uld_gradient_matches_its_formula(two_tokenizers):
     torch.testing.assert_close(v, r)
     torch.testing.assert_close(torch.autograd.grad(v, zs)[0], torch.autograd.grad(r, zs)[0])
     assert gradcheck(lambda z: ULD(chunk_size=3)(z[:, :-1], zt[:, :-1], b[5][:, 1:], dict(labels=b[4])), (zs,))
+
+
+def test_two_chunked_losses_on_the_same_logits_add_up():
+    s, t, y = data((2, 5, 9), 4)
+    w, h = torch.randn(3, 9, requires_grad=True), torch.randn(2, 5, 3)
+    z = h @ w
+    v = 0.4 * ReverseKL(T=2., chunk_size=3)(z[:, :-1], t[:, :-1], y[:, 1:]) + 0.6 * TVD(chunk_size=2)(z[:, 1:], t[:, 1:], y[:, :-1])
+    g, = torch.autograd.grad(v, w)
+    zd = (h @ w).double()
+    r = 0.4 * reference('reverse_kl', zd[:, :-1], t[:, :-1], y[:, 1:], 2.) + 0.6 * reference('tvd', zd[:, 1:], t[:, 1:], y[:, :-1])
+    torch.testing.assert_close(v.double(), r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), torch.autograd.grad(r, w)[0].double(), rtol=1e-4, atol=1e-7)
