@@ -15,12 +15,13 @@ How memory is measured. CPU: PyTorch's CPU allocator keeps no statistics, so eve
 runs in a fresh subprocess that builds both models and the learner, fits once to warm up (this also creates the
 optimizer state), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`, as `overhead.py`), fits again and
 reads the peak (`VmHWM`). The figure is that peak minus the resident size just before the second fit: what the step
-needed above models, optimizer state and libraries. glibc's malloc runs with a fixed mmap threshold, so freed large
+needed above models, optimizer state and libraries. (The warm-up fit runs on one sequence of 8 tokens: it builds the
+optimizer state and lazy buffers without costing a second full step.) glibc's malloc runs with a fixed mmap threshold, so freed large
 blocks go back to the kernel and the peak follows live memory rather than the allocator's caching. CUDA, where it
 exists: `torch.cuda.max_memory_allocated` during the second fit minus `memory_allocated` before it, in the same child.
 The ratio is distilled / plain for the same architecture and vocabulary; 1 would mean distillation costs no memory.
 """
-import argparse, gc, json, os, platform, subprocess, sys, threading
+import argparse, gc, json, os, platform, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
 import fastai, transformers
@@ -58,18 +59,22 @@ class NoValidation(Callback):
     def before_validate(self): raise CancelValidException()
 
 
+def available_gb()->float: return int(next(l.split()[1] for l in open('/proc/meminfo') if l.startswith('MemAvailable:'))) / 2**20
+
+
 def child(a):
     "One (arch, vocabulary, variant) in this fresh process: (MiB before the step, peak MiB, CUDA MiB or None)"
     arch, V, variant = a.child.split(':', 2)
     V, dev = int(V), 'cuda' if torch.cuda.is_available() else 'cpu'
-    x = torch.randint(0, V, (a.bs, a.L), generator=torch.Generator().manual_seed(0))
-    dls = DataLoaders(DataLoader([(x, x)], bs=None), DataLoader([(x, x)], bs=None), device=dev)
-    learn = Learner(dls, model(arch, V, a.L, False), loss_func=causal_lm_loss, cbs=NoValidation())
+    batch = lambda bs, L: [(x := torch.randint(0, V, (bs, L), generator=torch.Generator().manual_seed(0)), x)]
+    one = lambda b: DataLoaders(DataLoader(b, bs=None), DataLoader(b, bs=None), device=dev)
+    learn = Learner(one(batch(1, 8)), model(arch, V, a.L, False), loss_func=causal_lm_loss, cbs=NoValidation())
     loss = VARIANTS[variant]
     cbs = (lambda: None) if loss is None else (lambda t=model(arch, V, a.L, True): kd_callback(t, loss()))
     fit = lambda: learn.fit(1, 1e-4, cbs=cbs())
     with learn.no_bar(), learn.no_logging():
-        fit() # warm-up: optimizer state, lazily built buffers
+        fit() # warm-up on a batch of one short sequence: optimizer state, lazily built buffers
+        learn.dls = one(batch(a.bs, a.L))
         gc.collect()
         if dev == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); cuda0 = torch.cuda.memory_allocated()
         before = reset_peak_rss()
@@ -96,14 +101,18 @@ def main():
     print('\nstep MiB: peak RSS of the second (measured) one-batch fit minus RSS before it, fresh subprocess per row'
           + ('; cuda MiB: max_memory_allocated above the allocation before it' if torch.cuda.is_available() else '') + '\n')
     cuda = torch.cuda.is_available()
-    runs = [(arch, V, v) for arch in a.archs.split(',') for V in map(int, a.vocabs.split(',')) for v in variants]
+    runs = [(arch, V, v) for V in map(int, a.vocabs.split(',')) for arch in a.archs.split(',') for v in variants] # smaller vocabularies first
     lock, used = threading.Condition(), [0.]
     def run(r):
         arch, V, v = r
         need = 1 + a.bs * a.L * V * 4 / 2**30 * (10 if v == 'soft_target' else 5) # GiB, a generous estimate of the child's peak
         with lock:
             lock.wait_for(lambda: used[0] == 0 or used[0] + need <= a.mem_gb); used[0] += need
-        try: return measure(arch, V, v)
+        while available_gb() < need + 2: time.sleep(5) # other processes on the machine need their memory too
+        try:
+            res = measure(arch, V, v)
+            print(f'  done: {arch} {V} {v}: {res}', file=sys.stderr, flush=True)
+            return res
         finally:
             with lock: used[0] -= need; lock.notify_all()
     def measure(arch, V, v):
