@@ -188,6 +188,15 @@ def same_model(a, b):
     for (k, x, dx, vx), (_, y, dy, vy) in zip(va, vb): assert dx == dy and vx == vy and torch.equal(x, y), k
 
 
+def assert_unchanged(before, case, models):
+    "The user's models as `before` (their fingerprints), and no hook left on any model"
+    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
+    assert all_hooks(*models.values()) == 0
+
+
+def assert_finite(learn): assert all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
+
+
 def all_hooks(*models)->int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for model in models for m in model.modules())
 
@@ -277,10 +286,10 @@ def test_a_fit_that_raises_leaves_nothing_behind(case, how):
     assert all_hooks(learn.model, *models.values()) == 0
     assert {id(p) for pg in learn.opt.param_lists for p in pg} == own, 'parameters of kdcb left in the optimizer'
     assert not any(isinstance(c, LossColumns) for c in learn.cbs) and all((c in learn.cbs) == attached for c in cbs)
-    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
+    assert_unchanged(before, case, models)
     fit(learn, cbs=None if attached else cbs) # and the learner trains again, with the same callbacks
     assert all_hooks(learn.model, *models.values()) == 0
-    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
+    assert_unchanged(before, case, models)
 
 
 @pytest.mark.parametrize('case', ALL, ids=str)
@@ -292,8 +301,8 @@ def test_two_fits_in_a_row(case):
         fit(learn)
         assert all_hooks(learn.model, *models.values()) == 0
         assert {id(p) for pg in learn.opt.param_lists for p in pg} == {id(p) for p in learn.model.parameters()}
-        assert all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
-    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
+        assert_finite(learn)
+    assert_unchanged(before, case, models)
 
 
 @pytest.mark.parametrize('case', ALL, ids=str)
@@ -344,18 +353,6 @@ def test_fit_cbs_and_learner_cbs_train_identically(case):
 
 
 @pytest.mark.parametrize('case', ALL, ids=str)
-def test_float64_models(case):
-    applies('float64', case)
-    learn, cbs, models = learner(case, dtype=torch.float64)
-    before = [fingerprint(m) for m in user_models(case, models)]
-    fit(learn)
-    assert all(p.dtype == torch.float64 for p in learn.model.parameters())
-    assert all(t.dtype == torch.float64 for t in parts(cbs) if t.is_floating_point())
-    assert all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
-    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
-
-
-@pytest.mark.parametrize('case', ALL, ids=str)
 def test_to_bf16_on_the_cpu_trains_in_float32(case):
     "fastai's `to_bf16` autocasts on CUDA only: on the CPU torch warns that autocast is off, and the fit equals a float32 one"
     applies('bf16_cpu', case)
@@ -377,16 +374,19 @@ class CPUAutocast(Callback):
     def after_cancel_batch(self): self.ac.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize('precision', ['float64', 'bf16_autocast_cpu'])
 @pytest.mark.parametrize('case', ALL, ids=str)
-def test_bf16_autocast_on_the_cpu(case):
-    applies('bf16_autocast_cpu', case)
-    learn, cbs, models = learner(case)
+def test_float64_models_and_bf16_autocast_on_the_cpu(case, precision):
+    "A float64 model (its loss parts follow), or bfloat16 autocast on the CPU (everything kept stays float32)"
+    applies(precision, case)
+    dtype = torch.float64 if precision == 'float64' else torch.float32
+    learn, cbs, models = learner(case, dtype=dtype)
     before = [fingerprint(m) for m in user_models(case, models)]
-    fit(learn, cbs=CPUAutocast())
-    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
-    assert all(t.dtype != torch.bfloat16 for t in parts(cbs))
-    assert all(torch.isfinite(torch.as_tensor(l)) for l in learn.recorder.losses)
-    for b, m in zip(before, user_models(case, models)): same_model(b, fingerprint(m))
+    fit(learn, cbs=None if precision == 'float64' else CPUAutocast())
+    assert all(p.dtype == dtype for p in learn.model.parameters())
+    assert all(t.dtype == dtype for t in parts(cbs) if t.is_floating_point())
+    assert_finite(learn)
+    assert_unchanged(before, case, models)
 
 
 @pytest.mark.parametrize('case', ALL, ids=str)
