@@ -99,13 +99,19 @@ class EMATeacher(TeacherSource):
         if self._snap is not None: load_snapshot([self.model], self._snap[0]); self.n_updates = self._snap[1]
         self._snap = None
 
-    def state_dict(self)->dict: return {'model': self.model.state_dict(), 'n_updates': self.n_updates} # the average, to resume
-    def load_state_dict(self, state:dict): # as returned by `state_dict`
-        "Load an average saved by `state_dict`"
-        self.model.load_state_dict(state['model']); self.n_updates = state['n_updates']
-
     def __getstate__(self): # a pickled source (e.g. inside a callback) carries neither learner nor updater
         return {**self.__dict__, '_cb': None, '_snap': None}
+
+# %% ../nbs/09_online.ipynb #a4e915a9
+@patch
+def state_dict(self:EMATeacher)->dict: # the average and its update count, to resume
+    "The moving average's state, saved with the distillation callback's `state_dict`"
+    return {'model': self.model.state_dict(), 'n_updates': self.n_updates}
+
+@patch
+def load_state_dict(self:EMATeacher, state:dict): # as returned by `state_dict`
+    "Load an average saved by `state_dict`"
+    self.model.load_state_dict(state['model']); self.n_updates = state['n_updates']
 
 # %% ../nbs/09_online.ipynb #c70e73a6
 def _peer_target(logits:list[Tensor], T:float)->Tensor:
