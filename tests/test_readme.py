@@ -28,3 +28,8 @@ def test_demo_table_is_the_saved_run():
     readme = (ROOT / 'README.md').read_text()
     assert (ROOT / 'nbs' / 'images' / 'demo' / 'results.md').read_text().strip() in readme
     assert '](nbs/images/demo/demo.png)' in readme and (ROOT / 'nbs' / 'images' / 'demo' / 'demo.png').exists()
+
+
+def test_benchmarks_readme_shows_the_same_demo_run():
+    table = (ROOT / 'nbs' / 'images' / 'demo' / 'results.md').read_text().strip()
+    assert table in (ROOT / 'benchmarks' / 'README.md').read_text()
