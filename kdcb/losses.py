@@ -34,10 +34,18 @@ def masked_mean(x:Tensor, # per-position losses, shaped like the logits without 
     return torch.where(keep, x, 0.).sum() / keep.sum().clamp_min(1)
 
 # %% ../nbs/01_losses.ipynb #6da074a4
-def _positions(s:Tensor, t:Tensor, T:float=1.)->tuple[Tensor, Tensor]:
-    "Student and (detached) teacher logits as float32, divided by `T`; the class dimension stays last"
+def _same_classes(s:Tensor, t:Tensor):
+    "Refuse student and teacher logits of different shapes; different vocabularies are pointed to `ULD`"
+    if s.shape[-1] != t.shape[-1]: raise ValueError(
+        f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape: the student has {s.shape[-1]} "
+        f"classes and the teacher {t.shape[-1]}, but output losses compare the same classes in the same order. For language "
+        "models with different tokenizers (vocabularies) use `ULD` ('uld', in kdcb.divergences), which compares sorted probabilities.")
     if s.shape != t.shape: raise ValueError(f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} "
                                             "differ in shape: output losses need the same classes in the same order.")
+
+def _positions(s:Tensor, t:Tensor, T:float=1.)->tuple[Tensor, Tensor]:
+    "Student and (detached) teacher logits as float32, divided by `T`; the class dimension stays last"
+    _same_classes(s, t)
     return _f32(s)/T, _f32(t.detach())/T
 
 def _kl_from_logs(lt:Tensor, ls:Tensor)->Tensor:
