@@ -17,7 +17,7 @@ from kdcb.data import tensor_dls
 from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params, train, parse_loss
 
 OUTPUT_LOSSES = ['soft_target', 'logits', 'mutual', 'decoupled_kd', 'decoupled_kd beta=2', 'normalized_kd', 'logits_distillation_loss', 'mft_loss', 'dist']
-WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the README); every other loss `--weight`
+WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the losses notebook); every other loss `--weight`
 
 
 def digits(seed=0):
