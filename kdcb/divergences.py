@@ -14,7 +14,7 @@ from .core import *
 from .losses import _f32, _same_classes, _kl_from_logs, chunk_rows, chunked_mean, _kept, _rows
 
 # %% auto #0
-__all__ = ['check_unit', 'Divergence', 'ReverseKL', 'JSD', 'SkewKL', 'SkewReverseKL', 'TVD', 'SelectInputs', 'ULD']
+__all__ = ['check_unit', 'Divergence', 'ReverseKL', 'JSD', 'SkewKL', 'SkewReverseKL', 'TVD', 'ULD']
 
 # %% ../nbs/13_divergences.ipynb #b785ea65
 def _log_mix(la:Tensor, lb:Tensor, w:float)->Tensor:
@@ -104,20 +104,6 @@ class TVD(Divergence):
     "Total variation distance ½·Σ|p_t − p_s| (times T²): bounded by 1, symmetric, with no logarithm to blow up"
     def per_position(self, ls:Tensor, lt:Tensor)->Tensor: return (lt.exp() - ls.exp()).abs().sum(-1) / 2
 
-# %% ../nbs/13_divergences.ipynb #a657d01b
-class SelectInputs(nn.Module):
-    "`model` called by keyword with some of the batch's inputs (a model with its own tokenizer); with `labels`, its output carries them"
-    def __init__(self, model:nn.Module, # e.g. a `GPT2LMHeadModel`
-                 names:dict[str, int], # keyword -> index into the batch inputs, e.g. {'input_ids': 2, 'attention_mask': 3}
-                 labels:int|None=None, # index of this model's own labels among the batch inputs, for `ULD`
-                ): super().__init__(); self.model, self.names, self.labels = model, dict(names), labels
-
-    def forward(self, *xb):
-        bad = [i for i in [*self.names.values(), self.labels] if i is not None and not -len(xb) <= i < len(xb)]
-        if bad: raise IndexError(f"SelectInputs reads batch inputs {bad}, but the batch has {len(xb)} inputs.")
-        out = self.model(**{k: plain(xb[i]) for k, i in self.names.items()})
-        return out if self.labels is None else dict(logits=output_tensor(out, 'the model output'), labels=plain(xb[self.labels]))
-
 # %% ../nbs/13_divergences.ipynb #3ed4d89d
 def _span(mask:Tensor)->list[Tensor]: return [row.nonzero()[:, 0] for row in mask] # per row of (B, L) `mask`, its kept positions in order
 
@@ -150,7 +136,7 @@ class ULD(ScheduledLoss):
         super().__init__(); store_attr(); check_positive('T_student', T_student); check_positive('T_teacher', T_teacher)
 
     def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None,
-                teacher_output=None, # the teacher's raw output: a dict with 'labels' (see `SelectInputs`) locates its response
+                teacher_output=None, # the teacher's raw output: a dict with 'labels' (see `KeywordInputs`) locates its response
                )->Tensor:
         if pred.ndim != 3 or teacher_pred.ndim != 3: raise ValueError(
             f"ULD compares sequences: logits (B, L, V), got student {tuple(pred.shape)} and teacher {tuple(teacher_pred.shape)}.")
@@ -160,7 +146,7 @@ class ULD(ScheduledLoss):
         if lab_t is None:
             if teacher_pred.shape[1] != pred.shape[1]: raise ValueError(
                 f"ULD needs to know where the teacher's response is: the teacher's sequences ({teacher_pred.shape[1]} positions) are "
-                f"not the student's ({pred.shape[1]}). Wrap the teacher in `SelectInputs(teacher, names, labels=i)`, i the index "
+                f"not the student's ({pred.shape[1]}). Wrap the teacher in `KeywordInputs(teacher, names, labels=i)`, i the index "
                 "of its labels in the batch inputs.")
             mask_t = mask
         else: mask_t = lab_t != self.ignore_index
