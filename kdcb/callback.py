@@ -62,6 +62,7 @@ class LossColumns(Callback):
 # %% ../nbs/05_callback.ipynb #0b8e238b
 def finding_lr(learn:Learner)->bool: return any(isinstance(c, LRFinder) for c in learn.cbs) # is this fit `lr_find`'s?
 
+# %% ../nbs/05_callback.ipynb #e1c19ef7
 def join_optimizer(opt, # the learner's optimizer
                    params:list, # parameters to train with the model, in its last parameter group
                    states:list|None=None, # their optimizer states (e.g. loaded); default: the ones `opt` holds, or none
@@ -70,6 +71,7 @@ def join_optimizer(opt, # the learner's optimizer
     opt.param_lists[-1] += params
     for i, p in enumerate(params): opt.state[p] = states[i] if states else opt.state.get(p, {})
 
+# %% ../nbs/05_callback.ipynb #e212a1ae
 def leave_optimizer(opt, # the learner's optimizer
                     params:list, # parameters added by `join_optimizer`
                    )->list: # their optimizer states, in order
@@ -81,6 +83,7 @@ def leave_optimizer(opt, # the learner's optimizer
 def _copy_state(state:dict)->dict: # an optimizer state with its tensors copied
     return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
 
+# %% ../nbs/05_callback.ipynb #08b101c0
 class TrainedParts:
     "Modules trained with the learner's model but outside it (connectors, peers, heads), for the length of a fit"
     def __init__(self): self.modules, self.params, self.saved, self.last, self._snap = [], [], [], [], None
@@ -125,7 +128,13 @@ class TrainedParts:
 class FitCallback(Callback):
     "Base of kdcb's callbacks: they serve training only (`export` leaves them out) and `cleanup` after a fit that raised"
     columns:LossColumns|None = None # progress columns, attached with the callback for the length of each fit
+    parts:TrainedParts|None = None # the parameters the callback trains besides the model's, if any
     def cleanup(self): "Undo what the fit set up: called after a fit that raised, and by the callback's `after_fit`; safe to repeat"
+    def after_backward(self):
+        if self.parts is not None: self.parts.average_gradients() # under DDP
+    def after_fit(self):
+        if self.parts is not None: self.parts.restore() # as before lr_find
+        self.cleanup()
 
     @property
     def column_names(self)->list[str]: return self.columns.names # e.g. 'task_loss', then one per distillation loss
@@ -204,6 +213,7 @@ def class_axis(loss_func, # the learner's task loss
         "that has one, e.g. `CrossEntropyLossFlat(axis=1)` for segmentation maps; output losses put it last.")
     return -1 if axis is None else axis
 
+# %% ../nbs/05_callback.ipynb #9fbd7cf7
 class Outputs:
     "What output losses compare: what to take from each model's output, and how to align it with the target"
     def __init__(self, output_fn:Callable|None=None, # what to take from a model's output (default `output_tensor`: `.logits` or the first tensor)
@@ -294,6 +304,7 @@ def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
         "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
         "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
 
+# %% ../nbs/05_callback.ipynb #d84a2ea4
 class KnowledgeDistillationCallback(FitCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
@@ -326,71 +337,76 @@ class KnowledgeDistillationCallback(FitCallback):
     @teacher.setter
     def teacher(self, t): self._teacher = as_teacher(t)
 
-    def before_fit(self):
-        self.cleanup() # whatever a fit that raised left behind
-        self.checked = False # the target's masking is checked on the first batch
-        self.teacher.enter(self.learn)
-        if self.student_layers == 'auto':
-            self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
-            self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
-        if len(self.student_layers):
-            self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
-            self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
-        if (p := first_float(self.model)) is not None: self.kd_loss.to(p.device)
-        _check_mixing(self.learn, self.kd_loss)
-        self.parts.enter(self.learn, [self.kd_loss])
+# %% ../nbs/05_callback.ipynb #675c33f4
+@patch
+def before_fit(self:KnowledgeDistillationCallback):
+    self.cleanup() # whatever a fit that raised left behind
+    self.checked = False # the target's masking is checked on the first batch
+    self.teacher.enter(self.learn)
+    if self.student_layers == 'auto':
+        self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
+        self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
+    if len(self.student_layers):
+        self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
+        self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
+    if (p := first_float(self.model)) is not None: self.kd_loss.to(p.device)
+    _check_mixing(self.learn, self.kd_loss)
+    self.parts.enter(self.learn, [self.kd_loss])
 
-    def before_train(self): self.parts.join(self.opt) # the losses' parameters join the optimizer, trained with the student, following its schedule
+@patch
+def before_train(self:KnowledgeDistillationCallback): self.parts.join(self.opt) # the losses' parameters join the optimizer, trained with the student, following its schedule
 
-    def before_batch(self):
-        self.on = self.training or self.distill_valid
-        if self.student_hooks: self.student_hooks.clear(); self.student_hooks.collecting = self.on
-        if self.on: self.kd_loss.set_progress(self.pct_train)
+@patch
+def before_batch(self:KnowledgeDistillationCallback):
+    self.on = self.training or self.distill_valid
+    if self.student_hooks: self.student_hooks.clear(); self.student_hooks.collecting = self.on
+    if self.on: self.kd_loss.set_progress(self.pct_train)
 
-    def after_pred(self): # the student has run: now the teacher, on the same inputs
-        if not self.on: return
-        if self.teacher_hooks is None: self.teacher_pred = self.teacher(self.xb)
-        else:
-            with self.teacher_hooks: self.teacher_pred = self.teacher(self.xb) # hooks on the teacher for this pass only
+@patch
+def after_pred(self:KnowledgeDistillationCallback): # the student has run: now the teacher, on the same inputs
+    if not self.on: return
+    if self.teacher_hooks is None: self.teacher_pred = self.teacher(self.xb)
+    else:
+        with self.teacher_hooks: self.teacher_pred = self.teacher(self.xb) # hooks on the teacher for this pass only
 
-    def after_loss(self): # the losses, mixed into the task loss fastai computed
-        if not self.on or not len(self.yb): return
-        task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.outputs.align(self.learn, self.teacher_pred, self.classes)
-        if not self.checked: self.checked = True; _warn_unmasked(self.label_free, src['target'])
-        mixed, terms = self.kd_loss(task, **src,
-                                    fm_s=self.student_hooks.read() if self.student_hooks else {},
-                                    fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
-        cls = type(self.learn.loss_grad) # fastai's loss type (e.g. `TensorBase`), which its callbacks may expect
-        self.learn.loss_grad = mixed.to(task.dtype).as_subclass(cls)
-        self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
-        if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
+@patch
+def after_loss(self:KnowledgeDistillationCallback): # the losses, mixed into the task loss fastai computed
+    if not self.on or not len(self.yb): return
+    task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.outputs.align(self.learn, self.teacher_pred, self.classes)
+    if not self.checked: self.checked = True; _warn_unmasked(self.label_free, src['target'])
+    mixed, terms = self.kd_loss(task, **src,
+                                fm_s=self.student_hooks.read() if self.student_hooks else {},
+                                fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
+    cls = type(self.learn.loss_grad) # fastai's loss type (e.g. `TensorBase`), which its callbacks may expect
+    self.learn.loss_grad = mixed.to(task.dtype).as_subclass(cls)
+    self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
+    if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
 
-    def after_backward(self): self.parts.average_gradients() # under DDP
+@patch
+def after_batch(self:KnowledgeDistillationCallback):
+    self.teacher_pred = None
+    for h in (self.student_hooks, self.teacher_hooks):
+        if h: h.clear()
 
-    def after_batch(self):
-        self.teacher_pred = None
-        for h in (self.student_hooks, self.teacher_hooks):
-            if h: h.clear()
+# %% ../nbs/05_callback.ipynb #c11643c5
+@patch
+def cleanup(self:KnowledgeDistillationCallback):
+    "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
+    if self.student_hooks: self.student_hooks.remove()
+    self.student_hooks = self.teacher_hooks = self.teacher_pred = None
+    self.teacher.exit()
+    self.parts.leave(self.learn)
+    self.on = False
 
-    def after_fit(self):
-        self.parts.restore() # as before lr_find
-        self.cleanup()
+@patch
+def state_dict(self:KnowledgeDistillationCallback)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
+    "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
+    return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
 
-    def cleanup(self):
-        "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
-        if self.student_hooks: self.student_hooks.remove()
-        self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        self.teacher.exit()
-        self.parts.leave(self.learn)
-        self.on = False
-
-    def state_dict(self)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
-        "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
-        return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
-
-    def load_state_dict(self, state:dict): # as returned by `state_dict`
-        "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
-        try: self.kd_loss.load_state_dict(state['losses'])
-        except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
-            f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
-        self.parts.saved = list(state.get('optimizer', []))
+@patch
+def load_state_dict(self:KnowledgeDistillationCallback, state:dict): # as returned by `state_dict`
+    "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
+    try: self.kd_loss.load_state_dict(state['losses'])
+    except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
+        f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
+    self.parts.saved = list(state.get('optimizer', []))

@@ -25,6 +25,7 @@ class ScheduledLoss(nn.Module):
         "`v` itself, or its value now when it is a schedule"
         return v(self.pct_train) if callable(v) else v
 
+# %% ../nbs/00_core.ipynb #df76df70
 def check_positive(name:str, # the hyper-parameter's name, for the error message
                    v:float|Callable, # a number or a schedule of `pct_train`
                   )->float|Callable:
@@ -52,10 +53,12 @@ def register_loss(loss:Callable|str|None=None, # the loss class or function, or 
     if callable(loss): return _reg(loss)
     return lambda f: _reg(f, loss)
 
+# %% ../nbs/00_core.ipynb #ec5d58ac
 def available_losses()->list[str]: # the registered loss names, sorted
     "Names of all registered losses"
     return sorted(_LOSSES)
 
+# %% ../nbs/00_core.ipynb #ce1cefd2
 def get_loss(name:str)->Callable: # a loss instance (for a registered class) or the registered function
     "The registered loss called `name`; classes are instantiated with their defaults"
     key = _key(name)
@@ -92,6 +95,7 @@ def plain(x):
     "A plain `torch.Tensor` view of fastai's tensor subclasses (same storage and graph); anything else unchanged"
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
+# %% ../nbs/00_core.ipynb #1605e109
 def output_tensor(o, # a model's or layer's output: a tensor, a tuple/list, a dict or `ModelOutput`
                   what:str='output', # what `o` is, for the error message
                  )->torch.Tensor:
@@ -107,6 +111,7 @@ def output_tensor(o, # a model's or layer's output: a tensor, a tuple/list, a di
     raise TypeError(f"{what} is a {type(o).__name__} holding no tensor; kdcb needs a tensor (or a tuple, dict or "
                     "`ModelOutput` containing one) to distil.")
 
+# %% ../nbs/00_core.ipynb #64b2321e
 def model_inputs(x, # a tensor, or a tuple/list/dict of them (fastai's `xb`)
                  model:nn.Module, # the model that will receive `x`
                 ):
@@ -125,7 +130,7 @@ def _moved(x, p:torch.Tensor|None):
 # %% ../nbs/00_core.ipynb #7f765974
 class EvalMode:
     "Eval mode for the length of a `with` block, then every module's mode as before; the modes are saved once, at construction"
-    def __init__(self, model:nn.Module): self.modes = [m for m in model.modules() if m.training] # only these need switching
+    def __init__(self, model:nn.Module|None): self.modes = [m for m in model.modules() if m.training] if model is not None else [] # only these need switching
     def __enter__(self):
         for m in self.modes: m.training = False
         return self
@@ -145,6 +150,7 @@ def snapshot(modules:list[nn.Module])->list[dict]: # one detached copy of each m
     "A copy of the state of `modules`, to put back with `load_snapshot`"
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
+# %% ../nbs/00_core.ipynb #c85bfec0
 def load_snapshot(modules:list[nn.Module], snap:list[dict]):
     "Put the state copied by `snapshot` back into `modules`"
     for m, s in zip(modules, snap): m.load_state_dict(s)

@@ -23,6 +23,7 @@ class TensorDL(DataLoader):
     def create_item(self, i): return i # the item's index: `create_batch` does the indexing
     def create_batch(self, b): return tuple(t[torch.as_tensor(b)] for t in self.dataset.tensors)
 
+# %% ../nbs/06_data.ipynb #c63450ff
 def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor, bs:int=128)->DataLoaders:
     "Shuffled training batches of `bs` (last partial batch dropped) and ordered validation batches"
     return DataLoaders(TensorDL(TensorDataset(x_train, y_train), bs=bs, shuffle=True, drop_last=True),

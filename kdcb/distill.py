@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 from fastai.callback.hook import Hook
+from fastcore.basics import patch
 from fastcore.foundation import L
 from .core import *
 from .core import _LOSSES, _key
@@ -48,6 +49,7 @@ def _make(loss):
     if not callable(loss): raise TypeError(f"A loss must be callable, a registered name or a class; got {loss!r}.")
     return loss
 
+# %% ../nbs/04_distill.ipynb #653fb1b5
 class LossTerm(nn.Module):
     "One loss, called with the sources its signature names; a loss of one layer pair `(out_s, out_t)` is applied to every pair"
     def __init__(self, loss:Callable|str|type, # a registered name, a loss class, or a loss object/function
@@ -114,6 +116,7 @@ class PerPair(nn.Module):
             f"PerPair has {len(self.terms)} losses for {len(pairs)} layer pairs: give one loss per pair.")
         return sum(term(fm_s=dict([s]), fm_t=dict([t]), target=target, attention_mask=attention_mask) for term, (s, t) in zip(self.terms, pairs))
 
+# %% ../nbs/04_distill.ipynb #ee35db5d
 class Connected(nn.Module):
     "Feature loss `loss` applied after `connectors` map the student's features to the teacher's widths"
     def __init__(self, loss, # a feature loss: registered name, class, object or function of `out_s, out_t` (or `fm_s, fm_t`)
@@ -154,6 +157,7 @@ def _multiplier(schedule:Callable|None)->Callable|None:
     raise TypeError(f"schedule={schedule!r} is not a callable of pct_train. fasterai's `Schedule` objects (`cos`, `lin`, ...) "
                     "work with `kdcb.fasterai.KnowledgeDistillationCallback`, or pass `s.progress`.")
 
+# %% ../nbs/04_distill.ipynb #0e4e8063
 class DistillationLoss(nn.Module):
     "Distillation losses with their weights, mixed into a task loss: (1 − Σ w_i)·task + Σ w_i·L_i"
     def __init__(self, losses:Callable|str|list, # registered name(s), loss class(es), object(s) or function(s)
@@ -203,18 +207,20 @@ class DistillationLoss(nn.Module):
         mixed = (1 - sum(self.current)) * task_loss + sum(w * v for w, v in zip(self.current, values))
         return mixed, terms
 
-    def _checked(self, term:LossTerm, v, sources:dict)->Tensor:
-        if not isinstance(v, Tensor): raise TypeError(
-            f"Loss {term.name!r} returned {v!r} ({type(v).__name__}); a distillation loss must return a scalar tensor "
-            "computed from its inputs, so that gradients reach the student.")
-        if v.ndim: raise ValueError(f"Loss {term.name!r} returned shape {tuple(v.shape)}; the callback needs a scalar: "
-                                    "reduce it (e.g. reduction='batchmean'), masking first if needed.")
-        student = [sources.get('pred')] + list((sources.get('fm_s') or {}).values())
-        if (torch.is_grad_enabled() and not v.requires_grad and term.sources & {'pred', 'fm_s'}
-            and any(isinstance(s, Tensor) and s.requires_grad for s in student)): raise ValueError(
-            f"Loss {term.name!r} returned a tensor without gradient (detached, or a constant): the student would learn "
-            "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
-        return v
+# %% ../nbs/04_distill.ipynb #1922273b
+@patch
+def _checked(self:DistillationLoss, term:LossTerm, v, sources:dict)->Tensor:
+    if not isinstance(v, Tensor): raise TypeError(
+        f"Loss {term.name!r} returned {v!r} ({type(v).__name__}); a distillation loss must return a scalar tensor "
+        "computed from its inputs, so that gradients reach the student.")
+    if v.ndim: raise ValueError(f"Loss {term.name!r} returned shape {tuple(v.shape)}; the callback needs a scalar: "
+                                "reduce it (e.g. reduction='batchmean'), masking first if needed.")
+    student = [sources.get('pred')] + list((sources.get('fm_s') or {}).values())
+    if (torch.is_grad_enabled() and not v.requires_grad and term.sources & {'pred', 'fm_s'}
+        and any(isinstance(s, Tensor) and s.requires_grad for s in student)): raise ValueError(
+        f"Loss {term.name!r} returned a tensor without gradient (detached, or a constant): the student would learn "
+        "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
+    return v
 
 # %% ../nbs/04_distill.ipynb #d0453d06
 class RatioBalance(Balancer):

@@ -4,7 +4,6 @@
 
 # %% ../nbs/12_lm.ipynb #52fd26c7
 from __future__ import annotations
-from contextlib import contextmanager
 from typing import Callable
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .losses import SoftTarget, HiddenStateCosine
@@ -127,16 +126,6 @@ def _generator(teacher)->tuple[Callable, nn.Module|None]:
     module = teacher if isinstance(teacher, nn.Module) else getattr(gen, '__self__', None)
     return gen, module if isinstance(module, nn.Module) else None
 
-@contextmanager
-def _eval_mode(module:nn.Module|None):
-    "Every module of `module` in eval mode inside the block, each back in its own mode after it, also on an exception"
-    modes = [(m, m.training) for m in module.modules()] if module is not None else []
-    try:
-        if module is not None: module.eval()
-        yield
-    finally:
-        for m, mode in modes: m.training = mode
-
 def _check_count(name:str, v, what:str)->int:
     "`v` if it is a positive integer, else an error naming `name`"
     if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name}={v!r} must be a positive integer ({what}).")
@@ -200,7 +189,7 @@ def generate_responses(teacher, # a Hugging Face generative model, a `Learner` h
     if pad is None: raise ValueError("There is no pad token id to pad the prompts with: pass `pad_token_id=`, e.g. the eos id "
                                      "(`tokenizer.eos_token_id`; GPT-2 has no pad token). Padding is found from positions, not ids.")
     device, pairs, starts = _device(module), [], range(0, len(rows), bs)
-    with _eval_mode(module): # every module as it was afterwards, also when generation failed
+    with EvalMode(module): # every module as it was afterwards, also when generation failed
         for i in (progress_bar(starts, leave=False) if progress else starts):
             pairs += _batch_responses(gen, rows[i:i+bs], pad, eos, device, max_new_tokens, generate_kwargs)
     return Responses([p for p, _ in pairs], [r for _, r in pairs], pad)
@@ -289,7 +278,7 @@ class OnPolicy(Callback):
         self.on, self.batches = bool(torch.rand(1, generator=self.rng) < self.lmbda), self.batches + 1
         if not self.on: return
         gen, module = _generator(self.learn.model)
-        with _eval_mode(module): # generation in eval mode; every module back in its own mode after it
+        with EvalMode(module): # generation in eval mode; every module back in its own mode after it
             pairs = _batch_responses(gen, self.prompts(), self.pad, self.eos, _device(module), self.max_new_tokens,
                                      dict(do_sample=self.do_sample, **self.generate_kwargs))
         ids, mask, labels = labelled_sequences([p for p, _ in pairs], [r for _, r in pairs], self.pad)
@@ -302,38 +291,41 @@ class OnPolicy(Callback):
 
     def after_batch(self): self.on = False
 
-    def prompts(self)->list[Tensor]: # 1-D token ids, without padding
-        "The prompt of each sequence of the training batch"
-        ids = plain(self.xb[0])
-        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point(): raise TypeError(
-            f"OnPolicy reads the prompts from the batch's first input, (B, L) token ids; got {type(ids).__name__} "
-            f"{tuple(getattr(ids, 'shape', ()))}.")
-        real = plain(self.xb[1]) != 0 if len(self.xb) > 1 else torch.ones_like(ids, dtype=torch.bool)
-        if real.shape != ids.shape: raise ValueError(
-            f"The batch's second input {tuple(real.shape)} is not an attention mask of its token ids {tuple(ids.shape)}: "
-            "OnPolicy reads batches `(input_ids, attention_mask) → labels` or `input_ids → labels`.")
-        n, have = self.prompt_lengths(ids, real), real.sum(1).tolist()
-        for i, (k, r) in enumerate(zip(n, have)):
-            if k < 1: raise ValueError(
-                f"Sequence {i} of the batch has no prompt: {'it is labelled from its first token' if self.prompt is None else f'prompt gave {k} tokens'}. "
-                "Label the prompt -100 (as `Responses` does), or pass `prompt=N` (the first N tokens of each sequence) or a function.")
-            if k > r: raise ValueError(f"prompt gives sequence {i} of the batch {k} prompt tokens, but it has {r}.")
-        return [row[m][:k] for row, m, k in zip(ids.cpu(), real.cpu(), n)]
+# %% ../nbs/12_lm.ipynb #f605eadc
+@patch
+def prompts(self:OnPolicy)->list[Tensor]: # 1-D token ids, without padding
+    "The prompt of each sequence of the training batch"
+    ids = plain(self.xb[0])
+    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point(): raise TypeError(
+        f"OnPolicy reads the prompts from the batch's first input, (B, L) token ids; got {type(ids).__name__} "
+        f"{tuple(getattr(ids, 'shape', ()))}.")
+    real = plain(self.xb[1]) != 0 if len(self.xb) > 1 else torch.ones_like(ids, dtype=torch.bool)
+    if real.shape != ids.shape: raise ValueError(
+        f"The batch's second input {tuple(real.shape)} is not an attention mask of its token ids {tuple(ids.shape)}: "
+        "OnPolicy reads batches `(input_ids, attention_mask) → labels` or `input_ids → labels`.")
+    n, have = self.prompt_lengths(ids, real), real.sum(1).tolist()
+    for i, (k, r) in enumerate(zip(n, have)):
+        if k < 1: raise ValueError(
+            f"Sequence {i} of the batch has no prompt: {'it is labelled from its first token' if self.prompt is None else f'prompt gave {k} tokens'}. "
+            "Label the prompt -100 (as `Responses` does), or pass `prompt=N` (the first N tokens of each sequence) or a function.")
+        if k > r: raise ValueError(f"prompt gives sequence {i} of the batch {k} prompt tokens, but it has {r}.")
+    return [row[m][:k] for row, m, k in zip(ids.cpu(), real.cpu(), n)]
 
-    def prompt_lengths(self, ids:Tensor, real:Tensor)->list[int]: # the number of prompt tokens of each sequence
-        "How many of its first real tokens form each sequence's prompt"
-        if callable(self.prompt):
-            n = torch.as_tensor(self.prompt(self.xb, self.yb)).flatten().tolist()
-            if len(n) != len(ids): raise ValueError(f"prompt returned {len(n)} lengths for a batch of {len(ids)} sequences.")
-            return [int(k) for k in n]
-        if self.prompt is not None: return [min(self.prompt, int(r)) for r in real.sum(1)]
-        y = plain(self.yb[0]) if len(self.yb) else None
-        if not isinstance(y, Tensor) or y.shape != ids.shape: raise ValueError(
-            f"OnPolicy finds each prompt from the labels (its tokens before the first labelled one), but the target has shape "
-            f"{tuple(getattr(y, 'shape', ()))}, not the token ids' {tuple(ids.shape)}: pass `prompt=N` or a function.")
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        first = torch.where(y != -100, pos, ids.shape[1]).min(1).values # each row's first labelled position
-        return (real & (pos < first[:, None])).sum(1).tolist()
+@patch
+def prompt_lengths(self:OnPolicy, ids:Tensor, real:Tensor)->list[int]: # the number of prompt tokens of each sequence
+    "How many of its first real tokens form each sequence's prompt"
+    if callable(self.prompt):
+        n = torch.as_tensor(self.prompt(self.xb, self.yb)).flatten().tolist()
+        if len(n) != len(ids): raise ValueError(f"prompt returned {len(n)} lengths for a batch of {len(ids)} sequences.")
+        return [int(k) for k in n]
+    if self.prompt is not None: return [min(self.prompt, int(r)) for r in real.sum(1)]
+    y = plain(self.yb[0]) if len(self.yb) else None
+    if not isinstance(y, Tensor) or y.shape != ids.shape: raise ValueError(
+        f"OnPolicy finds each prompt from the labels (its tokens before the first labelled one), but the target has shape "
+        f"{tuple(getattr(y, 'shape', ()))}, not the token ids' {tuple(ids.shape)}: pass `prompt=N` or a function.")
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    first = torch.where(y != -100, pos, ids.shape[1]).min(1).values # each row's first labelled position
+    return (real & (pos < first[:, None])).sum(1).tolist()
 
 # %% ../nbs/12_lm.ipynb #920ebb11
 class TokenAccumulation(GradientAccumulation):

@@ -188,6 +188,7 @@ class Logits(ScheduledLoss):
         s, t = _positions(pred, teacher_pred)
         return masked_mean((s - t).pow(2).mean(-1), target, self.ignore_index)
 
+# %% ../nbs/01_losses.ipynb #f9b29e4e
 @register_loss
 class Mutual(SoftTarget):
     "Zhang et al. 2018, 'Deep Mutual Learning': KL(σ(z_t) ‖ σ(z_s)), which is `SoftTarget` at T = 1"
@@ -297,6 +298,7 @@ def mft_target(p:Tensor, # teacher probabilities (…, C)
     m = torch.where(a == y, right, wrong).clamp(0, 1)[..., None]
     return (1 - m) * p + m * F.one_hot(y, p.shape[-1]).to(p.dtype)
 
+# %% ../nbs/01_losses.ipynb #a4b5b8ad
 @register_loss
 class MFTLoss(ScheduledLoss):
     "Minifinetuning (arXiv 2506.15702) with Model Optimizer's API: KL(q ‖ σ(z_s/T))·T², q the label-corrected teacher"
@@ -364,6 +366,7 @@ def attention_map(f:Tensor, p:float=2.)->Tensor:
     a = f.square() if p == 2 else f.abs().pow(p) # |f|² = f²: one pass over the (large) map instead of two
     return F.normalize(a.mean(1).reshape(f.shape[0], -1), dim=1)
 
+# %% ../nbs/01_losses.ipynb #7b643b40
 @register_loss
 class Attention(ScheduledLoss):
     "Attention transfer (Zagoruyko & Komodakis 2017): mean squared distance of the two attention maps"
@@ -424,6 +427,7 @@ class FitNet(ScheduledLoss):
             f"FitNet's attention_mask {tuple(mask.shape)} does not fit the hidden states: student {tuple(out_s.shape)}, teacher "
             f"{tuple(out_t.shape)}. Both must be (B, L, D) and the mask (B, L), for the same batch and sequence length.")
 
+# %% ../nbs/01_losses.ipynb #d6123bab
 @register_loss
 class ActivationBoundaries(ScheduledLoss):
     "Heo et al., AAAI 2019, 'Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons'"

@@ -41,6 +41,7 @@ def _as_args(x)->tuple[tuple, dict]:
 # %% ../nbs/02_match.ipynb #6ea25c3d
 Probe = namedtuple('Probe', 'name key in_key shape calls order is_output')
 
+# %% ../nbs/02_match.ipynb #da849615
 def probe_model(model:nn.Module, # the model to run once
                 sample_input, # a tensor, a tuple of tensors (fastai's `xb`) passed as `model(*xb)`, or a dict of keyword arguments
                 kind:str='auto', # how to read 3-D outputs: 'conv' (B, C, L), 'tokens' (B, N, D) or 'auto'
@@ -57,16 +58,13 @@ def probe_model(model:nn.Module, # the model to run once
                                (r.calls if r else 0) + 1, r.order if r else len(recs), False)
             outs[name] = out
         return f
-    modes = [(m, m.training) for m in model.modules()]
     try:
         for n, m in model.named_modules():
             if n: hooks.append(m.register_forward_hook(_hook(n)))
         args, kw = _as_args(model_inputs(sample_input, model))
-        model.eval()
-        with torch.no_grad(): y = model(*args, **kw)
+        with EvalMode(model), torch.no_grad(): y = model(*args, **kw)
     finally:
         for h in hooks: h.remove()
-        for m, t in modes: m.training = t
     try: z = output_tensor(y) # the logits inside a tuple, dict or `ModelOutput` too
     except TypeError: z = None
     def is_out(o): return o is y or (isinstance(o, Tensor) and z is not None and o.data_ptr() == z.data_ptr() and o.shape == z.shape)
@@ -122,6 +120,7 @@ def _show(stages:dict)->str:
 
 PairRow = namedtuple('PairRow', 'resolution student student_shape teacher teacher_shape')
 
+# %% ../nbs/02_match.ipynb #4aa6887b
 class LayerPairs(dict):
     "`{'student': [...], 'teacher': [...]}` paired layer names, with the probed shapes; shows as a table"
     def __init__(self, rows:list[PairRow], # one row per pair, in forward order
@@ -234,6 +233,7 @@ def _depth_map(S:int, T:int, mapping)->dict[int, int]:
     f = {'uniform': lambda i: (i+1)*T//S - 1, 'skip': lambda i: i*T//S, 'last': lambda i: T - S + i}[mapping]
     return {i: f(i) for i in range(S)}
 
+# %% ../nbs/02_match.ipynb #b40fbe54
 def depth_pairs(student:nn.Module, # the student transformer
                 teacher:nn.Module, # the teacher transformer
                 sample_input=None, # optional input (as for `match_feature_layers`) to record the shapes, for `connectors()`

@@ -32,6 +32,7 @@ def _label_mask(target, shape:torch.Size, ignore_index:int, loss:str)->Tensor|No
         "one entry per label (multi-hot, as `BCEWithLogitsLossFlat` takes); call the loss without a target to mask nothing.")
     return target != ignore_index
 
+# %% ../nbs/11_multilabel.ipynb #62a6af04
 @register_loss
 class SigmoidKD(ScheduledLoss):
     "Soft targets for sigmoid outputs: per-label binary KL(σ(z_t/T) ‖ σ(z_s/T))·T², averaged over (unmasked) entries"

@@ -16,7 +16,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import find_bs, set_seed
 import fastai.callback.progress, fastai.callback.schedule # Learner.no_bar, Learner.fit_one_cycle
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from .core import *
 from .losses import SoftTarget
@@ -130,75 +130,83 @@ class MutualLearning(FitCallback):
         self.columns = LossColumns([*(f'{n}_{c}' for n in names for c in ('valid_loss', 'accuracy')), 'cohort_accuracy'])
         self.peer_preds, self.parts, self._last = None, TrainedParts(), None
 
+# %% ../nbs/09_online.ipynb #79aaad74
+@patch
+def before_fit(self:MutualLearning):
+    self.cleanup()
+    self._last = self.learn # for `peer_learner` after the callback has left the learner
+    if any(p is self.model for p in self.peers): raise ValueError("The learner's model is also among `peers`: give the other students only.")
+    p = first_float(self.model)
+    for m in self.peers:
+        if p is not None: m.to(p.device)
+    _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
+    self.parts.enter(self.learn, self.peers) # trained by the learner's optimizer; lr_find leaves them as they were
 
-    def before_fit(self):
-        self.cleanup()
-        self._last = self.learn # for `peer_learner` after the callback has left the learner
-        if any(p is self.model for p in self.peers): raise ValueError("The learner's model is also among `peers`: give the other students only.")
-        p = first_float(self.model)
-        for m in self.peers:
-            if p is not None: m.to(p.device)
-        _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
-        self.parts.enter(self.learn, self.peers) # trained by the learner's optimizer; lr_find leaves them as they were
+@patch
+def before_train(self:MutualLearning):
+    for m in self.peers: m.train()
+    self.parts.join(self.opt)
 
-    def before_train(self):
-        for m in self.peers: m.train()
-        self.parts.join(self.opt)
-    def before_validate(self):
-        for m in self.peers: m.eval()
+@patch
+def before_validate(self:MutualLearning):
+    for m in self.peers: m.eval()
 
-    def before_batch(self):
-        if not self.training: return
-        for l in self.kd_losses: l.set_progress(self.pct_train)
+@patch
+def before_batch(self:MutualLearning):
+    if not self.training: return
+    for l in self.kd_losses: l.set_progress(self.pct_train)
 
-    def after_pred(self): # the learner's model has run: now each peer, on the same inputs
-        self.peer_preds = [output_tensor(m(*model_inputs(tuple(self.xb), m)), f'peer {i+1} output') for i, m in enumerate(self.peers)]
-        shape = output_tensor(self.pred, 'the student output').shape
-        for i, z in enumerate(self.peer_preds, 1):
-            if z.shape != shape: raise ValueError(f"MutualLearning: peer {i} returns outputs of shape {tuple(z.shape)}, the learner's model "
-                                                  f"{tuple(shape)}: every student of the cohort must predict the same classes.")
+@patch
+def after_pred(self:MutualLearning): # the learner's model has run: now each peer, on the same inputs
+    self.peer_preds = [output_tensor(m(*model_inputs(tuple(self.xb), m)), f'peer {i+1} output') for i, m in enumerate(self.peers)]
+    shape = output_tensor(self.pred, 'the student output').shape
+    for i, z in enumerate(self.peer_preds, 1):
+        if z.shape != shape: raise ValueError(f"MutualLearning: peer {i} returns outputs of shape {tuple(z.shape)}, the learner's model "
+                                              f"{tuple(shape)}: every student of the cohort must predict the same classes.")
 
-    def after_loss(self):
-        if not len(self.yb): return
-        preds, y = [output_tensor(self.pred, 'the student output'), *self.peer_preds], plain(self.yb[0])
-        if not self.training: return self._accumulate(preds, y)
-        total = 0.
-        for i, (z, kd) in enumerate(zip(preds, self.kd_losses)):
-            task = plain(self.learn.loss_grad) if i == 0 else self.loss_func(z, *self.yb)
-            others = preds[:i] + preds[i+1:]
-            mixed, _ = kd(task, pred=z, teacher_pred=_peer_target(others, float(kd.terms[0].loss.now(kd.terms[0].loss.T))), target=y)
-            if i == 0: own = mixed.detach()
-            total = total + mixed
-        cls = type(self.learn.loss_grad)
-        self.learn.loss_grad = total.to(self.learn.loss_grad.dtype).as_subclass(cls) # each student's gradient from its own term
-        self.learn.loss = own.to(self.learn.loss.dtype, copy=True).as_subclass(cls) # train_loss: the learner's own model, as in a run without peers
+# %% ../nbs/09_online.ipynb #ac7663cf
+@patch
+def after_loss(self:MutualLearning):
+    if not len(self.yb): return
+    preds, y = [output_tensor(self.pred, 'the student output'), *self.peer_preds], plain(self.yb[0])
+    if not self.training: return self._accumulate(preds, y)
+    total = 0.
+    for i, (z, kd) in enumerate(zip(preds, self.kd_losses)):
+        task = plain(self.learn.loss_grad) if i == 0 else self.loss_func(z, *self.yb)
+        others = preds[:i] + preds[i+1:]
+        mixed, _ = kd(task, pred=z, teacher_pred=_peer_target(others, float(kd.terms[0].loss.now(kd.terms[0].loss.T))), target=y)
+        if i == 0: own = mixed.detach()
+        total = total + mixed
+    cls = type(self.learn.loss_grad)
+    self.learn.loss_grad = total.to(self.learn.loss_grad.dtype).as_subclass(cls) # each student's gradient from its own term
+    self.learn.loss = own.to(self.learn.loss.dtype, copy=True).as_subclass(cls) # train_loss: the learner's own model, as in a run without peers
 
-    def _accumulate(self, preds, y):
-        bs, vals = find_bs(self.yb), []
-        for z in preds[1:]: vals += [plain(self.loss_func(z, *self.yb)).detach().float(), _acc(z, y)]
-        cohort = torch.stack([F.softmax(z.float(), -1) for z in preds]).mean(0)
-        vals.append(_acc(cohort, y))
-        self.columns.accumulate(torch.stack(vals), bs) # the columns show validation figures; no sync per batch
+@patch
+def _accumulate(self:MutualLearning, preds, y):
+    bs, vals = find_bs(self.yb), []
+    for z in preds[1:]: vals += [plain(self.loss_func(z, *self.yb)).detach().float(), _acc(z, y)]
+    cohort = torch.stack([F.softmax(z.float(), -1) for z in preds]).mean(0)
+    vals.append(_acc(cohort, y))
+    self.columns.accumulate(torch.stack(vals), bs) # the columns show validation figures; no sync per batch
 
-    def after_backward(self): self.parts.average_gradients() # under DDP
+@patch
+def after_batch(self:MutualLearning): self.peer_preds = None
 
-    def after_batch(self): self.peer_preds = None
-    def after_fit(self):
-        self.parts.restore() # as before lr_find
-        self.cleanup()
+# %% ../nbs/09_online.ipynb #84288518
+@patch
+def cleanup(self:MutualLearning):
+    "Take the peers out of the optimizer; safe to repeat, and after a fit that raised"
+    self.parts.leave(self.learn)
+    self.peer_preds = None
 
-    def cleanup(self):
-        "Take the peers out of the optimizer; safe to repeat, and after a fit that raised"
-        self.parts.leave(self.learn)
-        self.peer_preds = None
-
-    def peer_learner(self, i:int, # 1 for the first peer, ... (0: the learner's own model)
-                    )->Learner:
-        "A plain `Learner` of student `i` on the same data, loss and metrics: to validate, predict with or `export` it alone"
-        n, l = len(self.peers) + 1, self.learn or self._last # attached now, or the learner of the last fit
-        if not 0 <= i < n: raise IndexError(f"Student {i} does not exist: the cohort has {n} (0 is the learner's model, 1..{n-1} the peers).")
-        if l is None: raise ValueError("This callback has not been used in a fit yet: there is no learner to take the data, loss and metrics from.")
-        return Learner(l.dls, l.model if i == 0 else self.peers[i-1], loss_func=l.loss_func, metrics=l.metrics)
+@patch
+def peer_learner(self:MutualLearning, i:int, # 1 for the first peer, ... (0: the learner's own model)
+                               )->Learner:
+    "A plain `Learner` of student `i` on the same data, loss and metrics: to validate, predict with or `export` it alone"
+    n, l = len(self.peers) + 1, self.learn or self._last # attached now, or the learner of the last fit
+    if not 0 <= i < n: raise IndexError(f"Student {i} does not exist: the cohort has {n} (0 is the learner's model, 1..{n-1} the peers).")
+    if l is None: raise ValueError("This callback has not been used in a fit yet: there is no learner to take the data, loss and metrics from.")
+    return Learner(l.dls, l.model if i == 0 else self.peers[i-1], loss_func=l.loss_func, metrics=l.metrics)
 
 # %% ../nbs/09_online.ipynb #4218b373
 class AuxHead(nn.Sequential):
@@ -228,72 +236,79 @@ class DeepSupervision(FitCallback):
         self.heads, self.hooks, self.feats, self.parts = None, None, None, TrainedParts()
         self.columns = LossColumns([f'aux{i}_{c}' for i in range(len(self.layers)) for c in ('loss', 'accuracy')])
 
+# %% ../nbs/09_online.ipynb #e2c09055
+@patch
+def _build_heads(self:DeepSupervision, learn:Learner):
+    "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
+    xb, model = batch_inputs(learn.dls), learn.model
+    with EvalMode(model), torch.no_grad(), self.hooks: out = output_tensor(model(*model_inputs(xb, model)), 'the model output')
+    feats = self.hooks.read()
+    self.heads = nn.ModuleList([AuxHead(f.shape[1], out.shape[-1]) for f in feats.values()])
 
-    def _build_heads(self, learn:Learner):
-        "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
-        xb, model = batch_inputs(learn.dls), learn.model
-        with EvalMode(model), torch.no_grad(), self.hooks: out = output_tensor(model(*model_inputs(xb, model)), 'the model output')
-        feats = self.hooks.read()
-        self.heads = nn.ModuleList([AuxHead(f.shape[1], out.shape[-1]) for f in feats.values()])
+@patch
+def before_fit(self:DeepSupervision):
+    self.cleanup()
+    self.hooks = FeatureHooks(self.model, self.layers, 'student')
+    if self.heads is None: self._build_heads(self.learn)
+    self.hooks.attach()
+    p = first_float(self.model)
+    if p is not None: self.heads.to(device=p.device, dtype=p.dtype) # float64 models get float64 heads
+    _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
+    self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
 
-    def before_fit(self):
-        self.cleanup()
-        self.hooks = FeatureHooks(self.model, self.layers, 'student')
-        if self.heads is None: self._build_heads(self.learn)
-        self.hooks.attach()
-        p = first_float(self.model)
-        if p is not None: self.heads.to(device=p.device, dtype=p.dtype) # float64 models get float64 heads
-        _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
-        self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
+@patch
+def before_train(self:DeepSupervision):
+    if self.hooks is not None: self.parts.join(self.opt)
 
-    def before_train(self):
-        if self.hooks is not None: self.parts.join(self.opt)
+@patch
+def before_batch(self:DeepSupervision):
+    if self.hooks is None: return
+    self.hooks.clear()
+    if self.training: self.kd_loss.set_progress(self.pct_train)
+    self.heads.train(self.training)
 
-    def before_batch(self):
-        if self.hooks is None: return
-        self.hooks.clear()
-        if self.training: self.kd_loss.set_progress(self.pct_train)
-        self.heads.train(self.training)
+@patch
+def after_loss(self:DeepSupervision):
+    if self.hooks is None or not len(self.yb): return
+    feats, z, y = self.hooks.read(), output_tensor(self.pred, 'the model output'), plain(self.yb[0])
+    total, vals = 0., []
+    for f, head in zip(feats.values(), self.heads):
+        a = head(f)
+        task = self.loss_func(a, *self.yb)
+        mixed, _ = self.kd_loss(task, pred=a, teacher_pred=z.detach(), target=y)
+        total = total + mixed
+        vals += [mixed.detach().float(), _acc(a.detach(), y)]
+    if self.training:
+        cls = type(self.learn.loss_grad)
+        self.learn.loss_grad = (self.learn.loss_grad + self.aux_weight * total).as_subclass(cls)
+    else: self.columns.accumulate(torch.stack(vals), find_bs(self.yb)) # columns: validation figures of every head
 
-    def after_loss(self):
-        if self.hooks is None or not len(self.yb): return
-        feats, z, y = self.hooks.read(), output_tensor(self.pred, 'the model output'), plain(self.yb[0])
-        total, vals = 0., []
-        for f, head in zip(feats.values(), self.heads):
-            a = head(f)
-            task = self.loss_func(a, *self.yb)
-            mixed, _ = self.kd_loss(task, pred=a, teacher_pred=z.detach(), target=y)
-            total = total + mixed
-            vals += [mixed.detach().float(), _acc(a.detach(), y)]
-        if self.training:
-            cls = type(self.learn.loss_grad)
-            self.learn.loss_grad = (self.learn.loss_grad + self.aux_weight * total).as_subclass(cls)
-        else: self.columns.accumulate(torch.stack(vals), find_bs(self.yb)) # columns: validation figures of every head
+@patch
+def after_batch(self:DeepSupervision):
+    if self.hooks: self.hooks.clear()
 
-    def after_backward(self): self.parts.average_gradients() # under DDP
+# %% ../nbs/09_online.ipynb #dd12cf01
+@patch
+def cleanup(self:DeepSupervision):
+    "Hooks off, heads out of the optimizer; safe to repeat"
+    if self.hooks: self.hooks.remove()
+    self.parts.leave(self.learn)
 
-    def after_batch(self):
-        if self.hooks: self.hooks.clear()
-    def after_fit(self):
-        self.parts.restore() # as before lr_find
-        self.cleanup()
+@patch
+def state_dict(self:DeepSupervision)->dict: return {} if self.heads is None else self.heads.state_dict() # the heads, to resume
 
-    def cleanup(self):
-        "Hooks off, heads out of the optimizer; safe to repeat"
-        if self.hooks: self.hooks.remove()
-        self.parts.leave(self.learn)
+@patch
+def load_state_dict(self:DeepSupervision, state:dict):
+    "Load heads saved by `state_dict` (the callback must have built them: after a fit, or with `build_heads`)"
+    if self.heads is None: raise ValueError("The heads do not exist yet: call `build_heads(learn)` (or fit once) before loading.")
+    self.heads.load_state_dict(state)
 
-    def state_dict(self)->dict: return {} if self.heads is None else self.heads.state_dict() # the heads, to resume
-    def load_state_dict(self, state:dict):
-        "Load heads saved by `state_dict` (the callback must have built them: after a fit, or with `build_heads`)"
-        if self.heads is None: raise ValueError("The heads do not exist yet: call `build_heads(learn)` (or fit once) before loading.")
-        self.heads.load_state_dict(state)
-
-    def build_heads(self, learn:Learner):
-        "Build the heads for `learn`'s model now (to load saved ones before fitting)"
-        self.hooks = FeatureHooks(learn.model, self.layers, 'student')
-        try: self._build_heads(learn)
-        finally: self.hooks.remove()
+@patch
+def build_heads(self:DeepSupervision, learn:Learner):
+    "Build the heads for `learn`'s model now (to load saved ones before fitting)"
+    self.hooks = FeatureHooks(learn.model, self.layers, 'student')
+    try: self._build_heads(learn)
+    finally: self.hooks.remove()
 
 # %% ../nbs/09_online.ipynb #187f4f19
 class Progressive:

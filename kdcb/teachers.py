@@ -133,6 +133,7 @@ def _fingerprint(xb)->Tensor: # one float64 per item, sensitive to values and th
         fp = fp + (f * w).sum(1)
     return fp.cpu() if isinstance(fp, Tensor) else torch.zeros(find_bs(xb), dtype=torch.float64)
 
+# %% ../nbs/03_teachers.ipynb #ab162502
 class CachedTeacher(TeacherSource):
     "Another teacher source's outputs, kept per training item after the first epoch (for inputs that never change)"
     model = None # outputs only: no layers to hook
@@ -194,6 +195,7 @@ def topk_pack(logits:Tensor, # teacher logits, class dimension last
     fill = z.scatter(-1, i, float('-inf')).logsumexp(-1, keepdim=True) - z.new_tensor(z.shape[-1] - k).log() # (V − k)·e^fill = tail's Σ e^z
     return v.to(dtype), i.to(torch.int32), fill.float()
 
+# %% ../nbs/03_teachers.ipynb #0d181f62
 def topk_unpack(stored:tuple, # as returned by `topk_pack`
                 n_classes:int, # the vocabulary size V
                 dtype:torch.dtype=torch.float32, # the dtype of the rebuilt logits (the teacher's)
@@ -203,6 +205,7 @@ def topk_unpack(stored:tuple, # as returned by `topk_pack`
     v, i, fill = stored
     return fill.to(dtype).expand(*fill.shape[:-1], n_classes).scatter(-1, i.long(), v.to(dtype))
 
+# %% ../nbs/03_teachers.ipynb #73fd8c39
 class TopKCachedTeacher(CachedTeacher):
     "`CachedTeacher` for large vocabularies: keeps the top-`k` logits per position in half precision, and the tail's softmax mass"
     def __init__(self, source:TeacherSource|nn.Module|Learner, # the teacher source whose outputs are cached (a model: its `FrozenTeacher`)
@@ -225,7 +228,6 @@ class TopKCachedTeacher(CachedTeacher):
         "The cache's size in bytes: N·P·(k·(value + 4) + 4) with k classes kept, N·P·V·value with all of them"
         size = torch.empty((), dtype=dtype).element_size()
         return n_items * positions * (n_classes * size if k is None or k >= n_classes else k * (size + 4) + 4)
-
 
 # %% ../nbs/03_teachers.ipynb #c1d35c93
 def as_teacher(teacher:nn.Module|Learner|list|TeacherSource|Callable, # a model, a `Learner`, a list of them, a teacher source or a function

@@ -65,10 +65,11 @@ FEATURE_INPUTS = {
     'attention_kl': (lambda: _build('attention_kl'), _attentions),
 }
 MASKED = {'hidden_state_cosine', 'value_relation', 'attention_kl'} # take a (B, L) attention_mask
+SEQUENCES = {'uld'} # output losses over (B, L, V) sequences only (ULD: teacher and student of other vocabularies)
 
 
 def test_every_registered_loss_is_covered():
-    missing = [n for n in available_losses() if n not in output_losses() and n not in FEATURE_INPUTS]
+    missing = [n for n in available_losses() if n not in output_losses() and n not in FEATURE_INPUTS and n not in SEQUENCES]
     assert not missing, f"registered loss(es) {missing} have no row in FEATURE_INPUTS: say how to build their inputs"
     assert {'soft_target', 'logits', 'decoupled_kd', 'mft_loss', 'sigmoid_kd'} <= set(output_losses())
 
@@ -116,6 +117,16 @@ def check_feature(name, b, dtype, scale, pct, masked, seed):
     if name == 'attention_kl':
         check_finite(lambda: loss(student_output={'attentions': s}, teacher_output={'attentions': t}, **kw), list(s), what)
     else: check_finite(lambda: LossTerm(loss)(fm_s={'x': s}, fm_t={'x': t}, **kw), [s], what)
+
+
+@pytest.mark.parametrize('name', sorted(SEQUENCES))
+def test_sequence_loss_every_hostile_case(name):
+    "Losses over sequences only: every dtype × mask × scale × schedule end, on a sequence of one and batches of sequences"
+    for dtype in DTYPES:
+        for mask in MASKS:
+            for scale in (1., 1e4):
+                for shape in ((1, 1, 4), (2, 3, 4), (3, 5, 6)):
+                    for pct in (0., 1.): check_output(name, shape, dtype, scale, mask, pct, 0)
 
 
 @pytest.mark.parametrize('name', output_losses())

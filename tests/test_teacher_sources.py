@@ -39,8 +39,11 @@ def output_losses()->list[str]:
     for n in available_losses():
         try: term = LossTerm(n)
         except TypeError: continue # needs constructor arguments: feature losses (CRD, MGD); an output loss must build from defaults
-        if 'teacher_pred' in term.sources: names.append(n)
+        if 'teacher_pred' in term.sources and n not in SEQUENCES: names.append(n)
     return names
+
+# output losses over (B, L, V) sequences only, which these classifier teachers do not produce; where each source is checked instead
+SEQUENCES = {'uld': "ULD compares two vocabularies' sequences: tests/test_divergences.py trains it through FrozenTeacher"}
 
 
 # each source: built from (teachers, student) -> (source, the live reference for inputs x, how exact it is)
