@@ -60,6 +60,7 @@ class _Pending:
         self.handle.remove(); self.handle = self.args = self.g = None
         return out
 
+# %% ../nbs/01_losses.ipynb #bfa1aac8
 class _Chunked(torch.autograd.Function):
     "`fn` on rows of the student logits (a view of `base`) and of the teacher's, one chunk of rows at a time"
     @staticmethod
@@ -101,6 +102,7 @@ def _kept(target, shape:torch.Size, ignore_index:int)->Tensor:
         "without the class dimension). Pass integer labels of that shape, or call the loss without a target.")
     return target != ignore_index
 
+# %% ../nbs/01_losses.ipynb #d7f6baab
 def chunk_rows(n_classes:int, # the vocabulary size V
                chunk_size:int|None=None, # positions per chunk; None: about 2²⁰ values (4 MiB in float32) per chunk
               )->int:
@@ -109,6 +111,7 @@ def chunk_rows(n_classes:int, # the vocabulary size V
         f"chunk_size={chunk_size!r} must be a positive number of positions, or None to choose it from the vocabulary size.")
     return chunk_size or max(1, 2**20 // max(n_classes, 1))
 
+# %% ../nbs/01_losses.ipynb #72608683
 def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher logit rows (n, V) -> (n,)
                  pred:Tensor, # student logits (…, V), classes last
                  teacher_pred:Tensor, # teacher logits (…, V), in any floating dtype (upcast a chunk at a time)
