@@ -204,14 +204,23 @@ def causal_lm_loss(out, # the model's output: logits (B, L, V) or a `ModelOutput
 
 # %% ../nbs/12_lm.ipynb #d4e8d8b3
 class KeywordInputs(nn.Module):
-    "`model` called with the batch's inputs by name: `model(input_ids=xb[0], attention_mask=xb[1])`"
+    "`model` called with the batch's inputs by name: `model(input_ids=xb[0], attention_mask=xb[1])`, or the inputs `names` picks"
     def __init__(self, model:nn.Module, # e.g. a `GPT2LMHeadModel`
-                 names:tuple=('input_ids', 'attention_mask'), # the keyword of each input, in batch order
-                ): super().__init__(); self.model, self.names = model, tuple(names)
+                 names:tuple|dict=('input_ids', 'attention_mask'), # the keyword of each input in batch order, or {keyword: index into the batch inputs}
+                 labels:int|None=None, # index of the model's own labels among the batch inputs (a teacher with its own tokenizer, for `ULD`)
+                ): super().__init__(); self.model, self.names, self.labels = model, dict(names) if isinstance(names, dict) else tuple(names), labels
+
     def forward(self, *xb):
-        if len(xb) > len(self.names): raise ValueError(f"The batch has {len(xb)} inputs but KeywordInputs names "
-                                                       f"{len(self.names)} ({self.names}): give one name per input.")
-        return self.model(**dict(zip(self.names, map(plain, xb))))
+        if isinstance(self.names, dict): kw = self.names
+        elif len(xb) > len(self.names): raise ValueError(f"The batch has {len(xb)} inputs but KeywordInputs names "
+                                                         f"{len(self.names)} ({self.names}): give one name per input.")
+        else: kw = {k: i for i, k in enumerate(self.names[:len(xb)])}
+        bad = [i for i in [*kw.values(), self.labels] if i is not None and not -len(xb) <= i < len(xb)]
+        if bad: raise IndexError(f"KeywordInputs reads batch inputs {bad}, but the batch has {len(xb)} inputs.")
+        out = self.model(**{k: plain(xb[i]) for k, i in kw.items()})
+        # with `labels`, the output carries them: `ULD` finds the teacher's response in its own tokens
+        return out if self.labels is None else dict(logits=output_tensor(out, 'the model output'), labels=plain(xb[self.labels]))
+
     def generate(self, *args, **kwargs): return self.model.generate(*args, **kwargs)
     @property
     def config(self): return getattr(self.model, 'config', None) # the wrapped model's token ids, for `generate_responses`

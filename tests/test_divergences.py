@@ -262,8 +262,8 @@ def uld_reference(zs, zt, ys, yt, Ts=1., Tt=1.):
 def test_uld_distils_across_tokenizers_through_the_callback(two_tokenizers):
     tok_s, tok_t, items = two_tokenizers
     Vs, Vt = tok_s.get_vocab_size(), tok_t.get_vocab_size()
-    student = SelectInputs(lm('gpt2', Vs, 32, 1, L=40), {'input_ids': 0, 'attention_mask': 1})
-    teacher = SelectInputs(lm('gpt2', Vt, 48, 2, L=24, seed=1), {'input_ids': 2, 'attention_mask': 3}, labels=4)
+    student = KeywordInputs(lm('gpt2', Vs, 32, 1, L=40), {'input_ids': 0, 'attention_mask': 1})
+    teacher = KeywordInputs(lm('gpt2', Vt, 48, 2, L=24, seed=1), {'input_ids': 2, 'attention_mask': 3}, labels=4)
     with torch.no_grad(): teacher.model.lm_head.weight.mul_(100) # a confident teacher: its sorted probabilities are peaked, the untrained student's flat
     batch = [torch.stack(x) for x in zip(*items[:8])]
     uld = ULD(T_student=2., T_teacher=1.5)

@@ -353,3 +353,25 @@ def test_loss_names_follow_one_convention():
     classes = {k: v for k, v in _LOSSES.items() if isinstance(v, type)}
     assert len(classes) >= 20
     for key, cls in classes.items(): assert key == camel2snake(cls.__name__).lower(), (key, cls.__name__)
+
+
+@pytest.mark.parametrize('teacher_dtype', [torch.float32, torch.bfloat16])
+def test_soft_target_chunked_equals_unchunked(teacher_dtype):
+    "SoftTarget on (B, L, V) runs a chunk of positions at a time; value and gradient are the plain formula's"
+    torch.manual_seed(0)
+    V = 40_000 # chunks of 2**20 // V = 26 positions: 3 chunks over the 2 × 32 positions
+    s = torch.randn(2, 33, V, requires_grad=True)
+    t = torch.randn(2, 33, V).to(teacher_dtype)
+    y = torch.randint(0, V, (2, 32)); y[0, :5] = -100; y[1, -3:] = -100
+    pred, tp = s[:, :-1], t[:, :-1] # shifted, as with `shift_labels=True`: a view of the logits
+    loss = SoftTarget(T=2.)(pred, tp, y)
+    g, = torch.autograd.grad(loss, s)
+    keep = y != -100
+    ls, lt = F.log_softmax(pred.detach()[keep] / 2, -1), F.log_softmax(tp[keep].float() / 2, -1)
+    s_ref = s.detach().clone().requires_grad_()
+    ls_ref = F.log_softmax(s_ref[:, :-1][keep] / 2, -1)
+    ref = (lt.exp() * (lt - ls_ref)).sum(-1).mean() * 4
+    g_ref, = torch.autograd.grad(ref, s_ref)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-9)
+    assert g[:, -1].abs().sum() == 0 and g[0, :5].abs().sum() == 0 # masked and cut-off positions get no gradient

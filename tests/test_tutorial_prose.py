@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / 'nbs' / 'tutorials').glob('*.ipynb')) + [ROOT / 'nbs' / '08_demo.ipynb']
-PENDING = ['08_language_models.ipynb']
+PENDING = []
 
 NUMBER = re.compile(r'(?<![\w.])[-−+]?\d+(?:,\d{3})*\.\d+(?!\w|\.\d)')  # a decimal number, thousands separators allowed
 BENCHMARK = re.compile(r'benchmarks/\w+\.(?:py|md)')  # `python benchmarks/x.py ...` or a link to benchmarks/README.md
