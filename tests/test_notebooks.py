@@ -72,7 +72,7 @@ def problems(nb:dict, mod)->list:
         res += [f"no show_doc({n})" for n in need if n not in docs]
     return res
 
-PENDING = {'08_demo', '13_divergences'} # their exports are split in a later change; strict: the marker goes once they pass
+PENDING = set() # every library notebook follows the rules
 
 @pytest.mark.parametrize('path', [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="not split yet")) if p.stem in PENDING else p
                                   for p in library_notebooks()], ids=lambda p: p.stem)
