@@ -60,7 +60,7 @@ class ShiftNoise(Callback):
         idx = (torch.arange(n, device=x.device) - s) % n
         self.learn.xb = (x.gather(-1, idx) + self.noise * torch.randn_like(x),)
 
-# %% ../nbs/08_demo.ipynb #31f2c29f
+# %% ../nbs/08_demo.ipynb #4a1295e0
 def cnn1d(width:int, # channels of the first stage; the last two have twice as many
           n_classes:int=10,
          )->nn.Sequential:
@@ -70,7 +70,7 @@ def cnn1d(width:int, # channels of the first stage; the last two have twice as m
     return nn.Sequential(nn.Unflatten(1, (1, -1)), stage(1, w[0], 1), stage(w[0], w[1], 2), stage(w[1], w[2], 2), stage(w[2], w[3], 2),
                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(w[3], n_classes))
 
-# %% ../nbs/08_demo.ipynb #5aa2fa44
+# %% ../nbs/08_demo.ipynb #e29d0e84
 def n_params(m:nn.Module)->int: return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/08_demo.ipynb #23b6c2ee
@@ -90,7 +90,7 @@ class EpochLog(Callback):
         if self.label is not None: print(f"{self.label} epoch {self.epoch + 1}/{self.n_epoch}, step {self.train_iter}: "
                                          f"validation accuracy {100 * self.accs[-1]:.1f}% ({self.times[-1]:.1f} s)", flush=True)
 
-# %% ../nbs/08_demo.ipynb #749f8e31
+# %% ../nbs/08_demo.ipynb #67130da0
 LOSS_OPTIONS = {'decoupled_kd': dict(beta=2.)} # the demo's settings that differ from a loss's defaults (see below)
 
 def parse_loss(spec:str, # a registered name, or names joined by '+' (e.g. 'attention+soft_target')
@@ -105,7 +105,7 @@ def parse_loss(spec:str, # a registered name, or names joined by '+' (e.g. 'atte
         for k, v in (LOSS_OPTIONS if options is None else options).get(n, {}).items(): setattr(l, k, v)
     return losses
 
-# %% ../nbs/08_demo.ipynb #83348a1d
+# %% ../nbs/08_demo.ipynb #b2053631
 def train(dls:DataLoaders, # training and validation data
           model:nn.Module, # the network to train
           epochs:int, # epochs of one-cycle training
@@ -139,7 +139,7 @@ def train(dls:DataLoaders, # training and validation data
             with learn.no_bar(): learn.fit_one_cycle(epochs, lr)
     return log
 
-# %% ../nbs/08_demo.ipynb #06aaa736
+# %% ../nbs/08_demo.ipynb #9a100c04
 def summarise(name:str, # the row's label
               logs:list[EpochLog], # one per seed
               params:int, # the model's parameter count
@@ -153,7 +153,7 @@ def summarise(name:str, # the row's label
     return dict(name=name, data=data, steps=logs[0].steps[-1], acc=statistics.mean(accs), std=sd(accs),
                 change=statistics.mean(d) if d else None, change_std=sd(d) if d else None, params=params, logs=logs)
 
-# %% ../nbs/08_demo.ipynb #925d7698
+# %% ../nbs/08_demo.ipynb #19d9c099
 def markdown_table(rows:list[dict])->str:
     "The rows as a markdown table"
     lines = ['| model | labelled signals | optimizer steps | accuracy (%) | vs scratch (points) | parameters |', '|---|---|---|---|---|---|']
@@ -244,7 +244,7 @@ def _check(p, a)->list[str]: # the loss specs; fills in the defaults that depend
     except ValueError as e: p.error(f"--losses {a.losses!r}: {e}")
     return specs
 
-# %% ../nbs/08_demo.ipynb #1cc1af8a
+# %% ../nbs/08_demo.ipynb #2061f226
 def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
             )->list[dict]: # the table's rows: teacher, scratch, longer scratch, then one per distillation loss
     "Train a teacher, the student from scratch and distilled with each loss; print the table, write the picture"
@@ -299,7 +299,7 @@ def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.a
           f"{time.perf_counter() - wall:.0f} s, process CPU time {time.process_time() - cpu:.0f} s")
     return rows
 
-# %% ../nbs/08_demo.ipynb #0dcc8ef3
+# %% ../nbs/08_demo.ipynb #005be9ea
 def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
         ): # nothing: the console script exits with status 0
     "The `kdcb-demo` command"

@@ -16,7 +16,7 @@ from .losses import _f32, _same_classes, _kl_from_logs, chunk_rows, chunked_mean
 # %% auto #0
 __all__ = ['check_unit', 'Divergence', 'ReverseKL', 'JSD', 'SkewKL', 'SkewReverseKL', 'TVD', 'ULD']
 
-# %% ../nbs/13_divergences.ipynb #bcab916d
+# %% ../nbs/13_divergences.ipynb #86737ad4
 def _log_mix(la:Tensor, lb:Tensor, w:float)->Tensor:
     "log(w·e^la + (1 − w)·e^lb), the log of a mixture of two distributions given as log-probabilities"
     if w == 0: return lb
@@ -34,7 +34,7 @@ def check_unit(name:str, # the hyper-parameter's name, for the error message
                              f"{' at every pct_train' if callable(v) else ''} (got {float(bad[0])!r}).")
     return v
 
-# %% ../nbs/13_divergences.ipynb #b2c63de9
+# %% ../nbs/13_divergences.ipynb #0d6e666e
 class Divergence(ScheduledLoss):
     "Base of the divergences between σ(z_s/T) and σ(z_t/T): per position, times T², averaged over the kept positions, in chunks"
     def __init__(self, T:float|Callable=1., # temperature, or a schedule of training progress
@@ -80,7 +80,7 @@ class JSD(Divergence):
         lm = _log_mix(lt, ls, beta)
         return beta * _kl_from_logs(lt, lm) + (1 - beta) * _kl_from_logs(ls, lm)
 
-# %% ../nbs/13_divergences.ipynb #f23e0351
+# %% ../nbs/13_divergences.ipynb #88a8df97
 @register_loss
 class SkewKL(Divergence):
     "DistiLLM (Ko et al. 2024) skew KL: KL(p_t ‖ α·p_t + (1 − α)·p_s)·T², forward KL with the student's side smoothed"
@@ -94,7 +94,7 @@ class SkewKL(Divergence):
     def hyper(self)->dict: return dict(alpha=float(self.now(self.alpha)))
     def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return _kl_from_logs(lt, _log_mix(lt, ls, alpha))
 
-# %% ../nbs/13_divergences.ipynb #97b54a11
+# %% ../nbs/13_divergences.ipynb #c38fa191
 @register_loss
 class SkewReverseKL(SkewKL):
     "DistiLLM (Ko et al. 2024) skew reverse KL: KL(p_s ‖ α·p_s + (1 − α)·p_t)·T², reverse KL with the teacher's side smoothed"
