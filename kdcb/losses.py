@@ -121,8 +121,13 @@ def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher
                 )->Tensor: # mean of `fn` over the kept positions; 0, with zero gradient, when none is kept
     "Mean of `fn` over the kept positions, computed a chunk of positions at a time and recomputed in the backward pass"
     _same_classes(pred, teacher_pred)
-    idx = _kept(target, pred.shape[:-1], ignore_index).to(pred.device).nonzero(as_tuple=True)
-    vals = _rows(pred, teacher_pred.detach(), idx, idx, fn, chunk_rows(pred.shape[-1], chunk_size))
+    keep, size = _kept(target, pred.shape[:-1], ignore_index).to(pred.device), chunk_rows(pred.shape[-1], chunk_size)
+    if keep.numel() <= size: # one chunk holds every position (a classifier's batch): no gather, no device synchronisation
+        k, V = keep[..., None], pred.shape[-1] # masked rows become zeros, so their values (inf, NaN) reach neither value nor gradient
+        s, t = torch.where(k, _f32(pred), 0.).reshape(-1, V), torch.where(k, _f32(teacher_pred.detach()), 0.).reshape(-1, V)
+        return torch.where(keep, fn(s, t).reshape(keep.shape), 0.).sum() / keep.sum().clamp_min(1)
+    idx = keep.nonzero(as_tuple=True)
+    vals = _rows(pred, teacher_pred.detach(), idx, idx, fn, size)
     return vals.sum() / max(len(vals), 1)
 
 # %% ../nbs/01_losses.ipynb #6da074a4
