@@ -5,16 +5,17 @@
 # %% ../nbs/05_callback.ipynb #5461df14
 from __future__ import annotations
 from typing import Callable
-import copy, math, warnings
+import copy, functools, inspect, math, re, warnings
 import cloudpickle, torch
 import torch.distributed as dist
+import fastai, fastai.learner
 from torch import nn, Tensor
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
-from fastcore.basics import store_attr, noop, patch
+from fastcore.basics import store_attr, noop
 from fastcore.foundation import L
 from .core import *
 from .teachers import *
@@ -22,14 +23,14 @@ from .distill import *
 from .match import auto_pairs
 
 # %% auto #0
-__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitCallback', 'WeightLog',
-           'class_axis', 'Outputs', 'KnowledgeDistillationCallback']
+__all__ = ['LossColumns', 'finding_lr', 'join_optimizer', 'leave_optimizer', 'TrainedParts', 'FitCallback', 'fastai_untested',
+           'extend_learner', 'WeightLog', 'class_axis', 'Outputs', 'KnowledgeDistillationCallback']
 
 # %% ../nbs/05_callback.ipynb #1fa0dceb
 class LossColumns(Callback):
     "Progress-table columns with the training averages of named loss terms, e.g. the task loss and each distillation loss"
     order = 55 # after `Recorder` (50) names the columns and logs validation, before `ProgressCallback` (60) prints them
-    def __init__(self, names:list[str]): self.names, self.sums, self.n, self.last, self.check_next = list(names), None, 0, None, False
+    def __init__(self, names:list[str]): self.names, self.sums, self.n, self.last, self.check_next, self.fitting = list(names), None, 0, None, False, False
 
     def accumulate(self, values:Tensor, # one (batch-mean) value per name
                    bs:int): # the batch size, each value's weight
@@ -48,16 +49,19 @@ class LossColumns(Callback):
             f"({dict(zip(self.names, values))}): a loss returned NaN or infinity. Check what it computes (a log of 0, a division "
             "by a zero norm), its inputs and the learning rate.")
 
-    def before_fit(self):
-        rec, self.check_next = self.learn.recorder, True
+    def before_fit(self): # `validate` and `get_preds` fire it too: their names are taken back at `after_fit` (no training phase)
+        rec, self.check_next, self.fitting = self.learn.recorder, True, False
         i = len(rec.metric_names) - (rec.metric_names[-1:] == ['time'])
         rec.metric_names = rec.metric_names[:i] + L(self.names) + rec.metric_names[i:]
-    def before_train(self): self.sums, self.n = None, 0
+    def before_train(self): self.sums, self.n, self.fitting = None, 0, True
     def after_validate(self): # the epoch's row is being written: validation values are in, `time` is not yet
+        if not self.fitting: return # `validate`, `get_preds`: a row of validation figures only
         avg = self.averages()
         if self.sums is not None: self._check_finite(avg, f'in epoch {self.epoch}')
         self.learn.recorder.log += avg
-    def after_fit(self): self.fitting = False
+    def after_fit(self):
+        rec = self.learn.recorder
+        if not self.fitting: rec.metric_names = L(n for n in rec.metric_names if n not in self.names)
 
 # %% ../nbs/05_callback.ipynb #0b8e238b
 def finding_lr(learn:Learner)->bool: return any(isinstance(c, LRFinder) for c in learn.cbs) # is this fit `lr_find`'s?
@@ -84,13 +88,23 @@ def _copy_state(state:dict)->dict: # an optimizer state with its tensors copied
     return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
 
 # %% ../nbs/05_callback.ipynb #08b101c0
+@torch.no_grad()
+def _broadcast(modules:list[nn.Module]):
+    "Under DDP, every process takes rank 0's parameters and buffers of `modules` (no-op in one process)"
+    if not (dist.is_available() and dist.is_initialized()): return
+    for m in modules:
+        for t in m.state_dict().values(): dist.broadcast(t, 0)
+
 class TrainedParts:
     "Modules trained with the learner's model but outside it (connectors, peers, heads), for the length of a fit"
     def __init__(self): self.modules, self.params, self.saved, self.last, self._snap = [], [], [], [], None
 
     def enter(self, learn:Learner, modules:list[nn.Module]): # at `before_fit`
-        "Take `modules` into this fit; `lr_find` (which trains at rates up to 10) gets a copy of their values and optimizer state to put back"
+        "Take `modules` into this fit: to the model's device and dtype, rank 0's values under DDP, and for `lr_find` (which trains at rates up to 10) a copy of their values and optimizer state to put back"
         self.modules = list(modules)
+        if (p := first_float(learn.model)) is not None:
+            for m in self.modules: m.to(device=p.device, dtype=p.dtype) # float64 models get float64 parts
+        _broadcast(self.modules) # as DDP gives every rank rank 0's model; their gradients are averaged in `average_gradients`
         if not finding_lr(learn): self._snap = None; return
         params, opt = [p for m in self.modules for p in m.parameters() if p.requires_grad], learn.opt
         states = self.saved or [opt.state.get(p, {}) if opt is not None else {} for p in params] # what the next `join` would load
@@ -126,47 +140,132 @@ class TrainedParts:
 
 # %% ../nbs/05_callback.ipynb #3d6a6dc4
 class FitCallback(Callback):
-    "Base of kdcb's callbacks: they serve training only (`export` leaves them out) and `cleanup` after a fit that raised"
-    columns:LossColumns|None = None # progress columns, attached with the callback for the length of each fit
-    parts:TrainedParts|None = None # the parameters the callback trains besides the model's, if any
-    def cleanup(self): "Undo what the fit set up: called after a fit that raised, and by the callback's `after_fit`; safe to repeat"
-    def after_backward(self):
-        if self.parts is not None: self.parts.average_gradients() # under DDP
-    def after_fit(self):
-        if self.parts is not None: self.parts.restore() # as before lr_find
-        self.cleanup()
+    "Base of kdcb's callbacks: what they train besides the model, over a fit; progress columns; left out of `export`"
+    columns:LossColumns|None = None # progress columns, attached to the learner with the callback
+    _learn, _attached, _parts = None, (), None
+
+    def trained(self)->dict[str, nn.Module]: return {} # what it trains with the model (peers, heads, loss parts), by name: subclasses say
+    def companions(self)->list[Callback]: return [] if self.columns is None else [self.columns] # callbacks attached with it
+
+    @property
+    def learn(self)->Learner|None: return self._learn
+    @learn.setter
+    def learn(self, learn:Learner|None): # fastai's `add_cb` sets it, `remove_cb` sets None
+        old = self._learn
+        if learn is old: return
+        if learn is not None and old is not None and self in old.cbs: raise ValueError(
+            f"This {type(self).__name__} is attached to another Learner already: create one callback per learner.")
+        if old is not None: # leaving, also when `fit(cbs=...)` raised: nothing of the fit stays behind
+            self.cleanup()
+            for c in self._attached:
+                if c in old.cbs: old.remove_cb(c)
+        self._learn, self._attached = learn, ()
+        if learn is not None: # e.g. the progress columns, which must run between fastai's Recorder and ProgressCallback
+            self._attached = [c for c in self.companions() if c not in learn.cbs]
+            for c in self._attached: learn.add_cb(c)
+
+    @property
+    def parts(self)->TrainedParts: # created on first use: subclasses need not call `FitCallback.__init__`
+        if self._parts is None: self._parts = TrainedParts()
+        return self._parts
+
+    def take_parts(self):
+        "At `before_fit`: the trained modules to the model's device and dtype, rank 0's under DDP, a copy for `lr_find`"
+        self.parts.enter(self.learn, list(self.trained().values()))
+
+    def set_loss(self, loss_grad:Tensor, # what fastai backpropagates
+                 loss:Tensor|None=None, # what it shows as `train_loss` (default: unchanged)
+                ):
+        "Replace the learner's `loss_grad` (and `loss`), keeping fastai's tensor type and the dtype of its loss"
+        cls, dt = type(self.learn.loss_grad), self.learn.loss_grad.dtype # e.g. `TensorBase`, which fastai's callbacks may expect
+        self.learn.loss_grad = loss_grad.to(dt).as_subclass(cls)
+        if loss is not None: self.learn.loss = loss.detach().to(dt, copy=True).as_subclass(cls) # a copy: GradientAccumulation divides `loss_grad` in place
+
+    def cleanup(self):
+        "Undo what the fit set up; safe to repeat. Called by `after_fit`, by the next `before_fit`, when the callback leaves the learner, and when a fit raises"
+        self.parts.leave(self.learn)
+
+    def before_fit(self): self.cleanup(); self.take_parts()
+    def before_train(self): # the trained modules join the optimizer, following the model's schedule
+        for m in self.parts.modules: m.train()
+        self.parts.join(self.learn.opt)
+    def before_validate(self):
+        for m in self.parts.modules: m.eval()
+    def after_backward(self): self.parts.average_gradients() # under DDP
+    def after_fit(self): self.parts.restore(); self.cleanup() # as before `lr_find`; out of the optimizer
+
+    def state_dict(self)->dict: # each trained module's state_dict under its name in `trained()`, and 'optimizer': their optimizer state
+        "What the callback trains and its optimizer state, to resume training"
+        return {**{k: m.state_dict() for k, m in self.trained().items()}, 'optimizer': self.parts.opt_state(getattr(self.learn, 'opt', None))}
+
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load what `state_dict` saved into a callback built the same way; the optimizer state joins at the next fit"
+        for k, m in self.trained().items():
+            if k not in state: raise ValueError(f"The saved state has no {k!r}: it was saved by another kind of callback.")
+            try: m.load_state_dict(state[k])
+            except RuntimeError as e: raise ValueError(f"The saved state does not fit this {type(self).__name__}'s {k}: build it the "
+                                                       f"same way (the same losses, peers or layers, in the same order), then load.\n{e}") from None
+        self.parts.saved = list(state.get('optimizer', []))
 
     @property
     def column_names(self)->list[str]: return self.columns.names # e.g. 'task_loss', then one per distillation loss
     def averages(self)->list: return self.columns.averages() # this epoch's training averages, in the order of `column_names`
 
 # %% ../nbs/05_callback.ipynb #1696b1e5
-_fastai_with_events = getattr(Learner._with_events, 'fastai', Learner._with_events) # fastai's own, also if this cell runs twice
+_FASTAI_TESTED = ((2, 8), (2, 9)) # fastai >=2.8,<2.9: the releases the two wrappers below were written against (settings.ini pins the same)
+_FASTAI_LINES = ("self._with_events(self._do_fit, 'fit', CancelFitException, self._end_cleanup)", # `fit` runs the 'fit' events here
+                 "torch.save(self, self.path/fname") # `export` pickles the learner, its callbacks with it
 
-@patch
-def _with_events(self:Learner, f, event_type, ex, final=noop):
-    "fastai's `_with_events`; a 'fit' runs with the `FitCallback`s' columns attached, and calls their `cleanup` if it raises"
-    if event_type != 'fit': return _fastai_with_events(self, f, event_type, ex, final)
-    mine = [c for c in self.cbs if isinstance(c, FitCallback)]
-    if other := [type(c).__name__ for c in mine if c.learn is not self]: raise ValueError(
-        f"This {other[0]} is attached to another Learner too: create one callback per learner.")
-    cols = [c.columns for c in mine if c.columns is not None and c.columns not in self.cbs]
-    try:
-        with self.added_cbs(cols): return _fastai_with_events(self, f, event_type, ex, final)
-    except BaseException:
-        for c in mine: c.cleanup()
-        raise
-Learner._with_events.fastai = _fastai_with_events
+def fastai_untested()->str: # '' on a tested fastai, else what differs
+    "Why the installed fastai is not one kdcb's wrappers of `Learner` were written against, if it is not"
+    v = tuple(int(x) for x in re.findall(r'\d+', fastai.__version__)[:2])
+    if not _FASTAI_TESTED[0] <= v < _FASTAI_TESTED[1]: return f"fastai {fastai.__version__} is outside the tested range >=2.8,<2.9"
+    src = inspect.getsource(fastai.learner)
+    return next((f"fastai.learner no longer holds {l!r}" for l in _FASTAI_LINES if l not in src), '')
 
 # %% ../nbs/05_callback.ipynb #4ea6b94d
-_fastai_export = getattr(Learner.export, 'fastai', Learner.export)
+def _wrapped_by_kdcb(f)->bool: # somewhere in a chain of wrappers that keep `__wrapped__`
+    while f is not None:
+        if getattr(f, 'kdcb', False): return True
+        f = getattr(f, '__wrapped__', None)
+    return False
 
-@patch
-def export(self:Learner, fname='export.pkl', pickle_module=cloudpickle, pickle_protocol=2):
-    "fastai's `export`, without kdcb's callbacks: they serve training, and `load_learner` needs none of them"
-    with self.removed_cbs([c for c in self.cbs if isinstance(c, FitCallback)]):
-        return _fastai_export(self, fname, pickle_module=pickle_module, pickle_protocol=pickle_protocol)
-Learner.export.fastai = _fastai_export
+def _cleanup_if_raised(prev):
+    "`Learner._with_events` that calls `prev`, and every `FitCallback`'s `cleanup` when an exception leaves a 'fit'"
+    @functools.wraps(prev)
+    def _with_events(self, f, event_type, ex, final=noop):
+        if event_type != 'fit': return prev(self, f, event_type, ex, final)
+        try: return prev(self, f, event_type, ex, final)
+        except BaseException:
+            for c in self.cbs:
+                if isinstance(c, FitCallback): c.cleanup()
+            raise
+    _with_events.kdcb = True
+    return _with_events
+
+def _without_fit_callbacks(prev):
+    "`Learner.export` that calls `prev` with the `FitCallback`s taken off the learner: `load_learner` needs none of them"
+    @functools.wraps(prev)
+    def export(self, *args, **kwargs):
+        mine = [c for c in self.cbs if isinstance(c, FitCallback)]
+        along = {id(a) for c in mine for a in c._attached} # leave and come back with the callback that attached them
+        with self.removed_cbs([c for c in mine if id(c) not in along]): return prev(self, *args, **kwargs)
+    export.kdcb = True
+    return export
+
+def extend_learner()->bool: # whether the wrappers are installed
+    "Wrap `Learner.export` and `Learner._with_events`, each calling whatever it replaces; on an untested fastai, warn once and leave both"
+    if _wrapped_by_kdcb(Learner.export) and _wrapped_by_kdcb(Learner._with_events): return True # done before (the module ran twice)
+    if why := fastai_untested():
+        warnings.warn(f"{why}: kdcb leaves `Learner.export` and `Learner._with_events` as they are. Distillation trains as usual, "
+                      "but `export` keeps kdcb's callbacks in the file (export inside `with learn.removed_cbs(kd_callbacks):`), "
+                      "and a fit that raises with the callbacks in `Learner(cbs=...)` is cleaned up at the next fit.")
+        return False
+    if not _wrapped_by_kdcb(Learner._with_events): Learner._with_events = _cleanup_if_raised(Learner._with_events)
+    if not _wrapped_by_kdcb(Learner.export): Learner.export = _without_fit_callbacks(Learner.export)
+    return True
+
+extend_learner()
 
 # %% ../nbs/05_callback.ipynb #bb9d749a
 class WeightLog(FitCallback):
@@ -304,11 +403,32 @@ def _check_mixing(learn:Learner, kd_loss:DistillationLoss):
         "would see the first label only, even when the pasted item covers most of the input. Use label-free losses "
         "(soft_target, dist, feature losses) with MixUp/CutMix: the teacher labels the mixed item itself.")
 
+# %% ../nbs/05_callback.ipynb #1babc769
+_MOVED = {'shift_labels': "outputs=Outputs(shift_labels=...)", 'attention_mask': "outputs=Outputs(attention_mask=...)",
+          'output_fn': "outputs=Outputs(output_fn=...)",
+          'teacher_dtype': "teacher=FrozenTeacher(teacher, dtype=...) (or TeacherEnsemble(teachers, dtype=...))",
+          'teacher_device': "teacher=FrozenTeacher(teacher, device=...) (or TeacherEnsemble(teachers, device=...))",
+          'teacher_weights': "teacher=TeacherEnsemble(teachers, weights=...)", 'ensemble_weights': "teacher=TeacherEnsemble(teachers, weights=...)",
+          'feature_teacher': "teacher=TeacherEnsemble(teachers, feature_index=...)", 'feature_index': "teacher=TeacherEnsemble(teachers, feature_index=...)",
+          'cache_teacher': "teacher=CachedTeacher(teacher)",
+          'activations_student': "student_layers=... (or kdcb.fasterai.KnowledgeDistillationCallback, which takes fasterai's names)",
+          'activations_teacher': "teacher_layers=... (or kdcb.fasterai.KnowledgeDistillationCallback, which takes fasterai's names)"}
+
+def _refuse_moved(init):
+    "`init`, refusing the arguments of kdcb's earlier constructor with where each one went (not Python's bare TypeError)"
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if old := [k for k in kwargs if k in _MOVED]: raise TypeError(
+            f"{type(self).__name__}() no longer takes {', '.join(map(repr, old))}: give " + '; '.join(_MOVED[k] for k in old) + '.')
+        init(self, *args, **kwargs)
+    return __init__
+
 # %% ../nbs/05_callback.ipynb #d84a2ea4
 class KnowledgeDistillationCallback(FitCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
 
+    @_refuse_moved
     def __init__(self,
                  teacher:nn.Module|Learner|list|TeacherSource, # the trained teacher (a model or `Learner`), a list of them, or a source
                  loss:str|Callable|list='soft_target', # registered name(s), loss class(es) or object(s)/callable(s)
@@ -327,8 +447,7 @@ class KnowledgeDistillationCallback(FitCallback):
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-        self.parts, self.on = TrainedParts(), False # the losses' own parameters (connectors, regressors, generators)
-        self.outputs, self.checked = outputs or Outputs(), False
+        self.outputs, self.checked, self.on = outputs or Outputs(), False, False
         self.label_free = [t.name for t in self.kd_loss.terms if 'pred' in t.sources and 'target' not in t.sources] # warned about masked targets
         self.classes = any(t.sources & {'pred', 'teacher_pred'} for t in self.kd_loss.terms) # output losses need a class axis
 
@@ -336,79 +455,69 @@ class KnowledgeDistillationCallback(FitCallback):
     def teacher(self)->TeacherSource: return self._teacher
     @teacher.setter
     def teacher(self, t): self._teacher = as_teacher(t)
+    @property
+    def current_weights(self)->list[float]: return list(self.kd_loss.current) # each loss's weight at this batch (before a balancer)
+    @property
+    def current_weight(self)->float: return sum(self.kd_loss.current) # the distillation share at this batch: 1 − the task loss's weight
 
-# %% ../nbs/05_callback.ipynb #675c33f4
-@patch
-def before_fit(self:KnowledgeDistillationCallback):
-    self.cleanup() # whatever a fit that raised left behind
-    self.checked = False # the target's masking is checked on the first batch
-    self.teacher.enter(self.learn)
-    if self.student_layers == 'auto':
-        self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
-        self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
-    if len(self.student_layers):
-        self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student').attach()
-        self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
-    if (p := first_float(self.model)) is not None: self.kd_loss.to(device=p.device, dtype=p.dtype) # float64 models get float64 loss parts
-    _check_mixing(self.learn, self.kd_loss)
-    self.parts.enter(self.learn, [self.kd_loss])
+    def trained(self)->dict[str, nn.Module]: return {'losses': self.kd_loss} # their own parameters: connectors, generators, regressors
+    def companions(self)->list[Callback]: return super().companions() + list(getattr(self.teacher, 'callbacks', list)()) # e.g. an EMATeacher's update
 
-@patch
-def before_train(self:KnowledgeDistillationCallback): self.parts.join(self.opt) # the losses' parameters join the optimizer, trained with the student, following its schedule
+    def before_fit(self):
+        self.cleanup() # whatever a fit that raised left behind
+        self.checked = False # the target's masking is checked on the first batch
+        self.teacher.enter(self.learn)
+        if self.student_layers == 'auto':
+            self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
+            self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
+        if len(self.student_layers): # hooked for each forward pass only: `before_batch` to `after_pred`
+            self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student')
+            self.teacher_hooks = FeatureHooks(self.teacher.model, self.teacher_layers, 'teacher')
+        _check_mixing(self.learn, self.kd_loss)
+        self.take_parts() # the losses' parameters to the model's device and dtype; they join the optimizer at `before_train`
 
-@patch
-def before_batch(self:KnowledgeDistillationCallback):
-    self.on = self.training or self.distill_valid
-    if self.student_hooks: self.student_hooks.clear(); self.student_hooks.collecting = self.on
-    if self.on: self.kd_loss.set_progress(self.pct_train)
+    def before_batch(self):
+        self.on = self.training or self.distill_valid
+        if self.on: self.kd_loss.set_progress(self.pct_train)
+        if self.on and self.student_hooks: self.student_hooks.clear(); self.student_hooks.attach()
 
-@patch
-def after_pred(self:KnowledgeDistillationCallback): # the student has run: now the teacher, on the same inputs
-    if not self.on: return
-    if self.teacher_hooks is None: self.teacher_pred = self.teacher(self.xb)
-    else:
-        with self.teacher_hooks: self.teacher_pred = self.teacher(self.xb) # hooks on the teacher for this pass only
+    def after_pred(self): # the student has run: now the teacher, on the same inputs
+        if not self.on: return
+        if self.student_hooks: self.student_hooks.detach() # what they stored stays readable until `after_loss`
+        if self.teacher_hooks is None: self.teacher_pred = self.teacher(self.xb)
+        else:
+            with self.teacher_hooks: self.teacher_pred = self.teacher(self.xb) # hooks on the teacher for this pass only
 
-@patch
-def after_loss(self:KnowledgeDistillationCallback): # the losses, mixed into the task loss fastai computed
-    if not self.on or not len(self.yb): return
-    task, dev, src = plain(self.learn.loss_grad), self.learn.loss_grad.device, self.outputs.align(self.learn, self.teacher_pred, self.classes)
-    if not self.checked: self.checked = True; _warn_unmasked(self.label_free, src['target'])
-    mixed, terms = self.kd_loss(task, **src,
-                                fm_s=self.student_hooks.read() if self.student_hooks else {},
-                                fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
-    cls = type(self.learn.loss_grad) # fastai's loss type (e.g. `TensorBase`), which its callbacks may expect
-    self.learn.loss_grad = mixed.to(task.dtype).as_subclass(cls)
-    self.learn.loss = self.learn.loss_grad.detach().clone() # a copy: GradientAccumulation divides `loss_grad` in place
-    if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
+    def after_loss(self): # the losses, mixed into the task loss fastai computed
+        if not self.on or not len(self.yb): return
+        task, dev = plain(self.learn.loss_grad), self.learn.loss_grad.device
+        src = self.outputs.align(self.learn, self.teacher_pred, self.classes)
+        self.teacher_pred = None # the teacher's output is `src`'s now: freed with it, before the backward pass
+        if not self.checked: self.checked = True; _warn_unmasked(self.label_free, src['target'])
+        mixed, terms = self.kd_loss(task, **src, fm_s=self.student_hooks.read() if self.student_hooks else {},
+                                    fm_t=self.teacher_hooks.read(dev) if self.teacher_hooks else {})
+        del src # nothing of the teacher's outlives the losses: the backward pass runs without it
+        self.set_loss(mixed, mixed)
+        if self.training: self.columns.accumulate(torch.cat([task.detach().float()[None], terms]), find_bs(self.yb))
 
-@patch
-def after_batch(self:KnowledgeDistillationCallback):
-    self.teacher_pred = None
-    for h in (self.student_hooks, self.teacher_hooks):
-        if h: h.clear()
+    def after_batch(self): # a batch the losses did not see (validation, a cancelled batch): drop what it stored
+        self.teacher_pred = None
+        for h in (self.student_hooks, self.teacher_hooks):
+            if h: h.clear()
 
-# %% ../nbs/05_callback.ipynb #c11643c5
-@patch
-def cleanup(self:KnowledgeDistillationCallback):
-    "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
-    if self.student_hooks: self.student_hooks.remove()
-    self.student_hooks = self.teacher_hooks = self.teacher_pred = None
-    self.teacher.exit()
-    self.parts.leave(self.learn)
-    self.on = False
+    def cleanup(self):
+        "Undo what `before_fit` did: hooks off, teacher restored, loss parameters out of the optimizer; safe to repeat"
+        if self.student_hooks: self.student_hooks.remove()
+        self.student_hooks = self.teacher_hooks = self.teacher_pred = None
+        self.teacher.exit()
+        super().cleanup()
+        self.on = False
 
-@patch
-def state_dict(self:KnowledgeDistillationCallback)->dict: # {'losses': the DistillationLoss's state_dict, 'optimizer': its parameters' optimizer state}
-    "The state of the distillation losses (connectors, generators, regressors) and of their optimizer, to resume training"
-    return {'losses': self.kd_loss.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None),
-            'teacher': self.teacher.state_dict()} # e.g. an `EMATeacher`'s average
+    def state_dict(self)->dict: # {'losses': their state_dict, 'optimizer': their optimizer state, 'teacher': the source's}
+        "The state of the distillation losses (connectors, generators, regressors), of their optimizer and of the teacher (e.g. an `EMATeacher`'s average), to resume training"
+        return {**super().state_dict(), 'teacher': self.teacher.state_dict()}
 
-@patch
-def load_state_dict(self:KnowledgeDistillationCallback, state:dict): # as returned by `state_dict`
-    "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
-    try: self.kd_loss.load_state_dict(state['losses'])
-    except RuntimeError as e: raise ValueError(f"The saved state does not fit this callback's losses "
-        f"({', '.join(self.kd_loss.names)}): build the callback with the same losses, in the same order, before loading.\n{e}") from None
-    self.parts.saved = list(state.get('optimizer', []))
-    self.teacher.load_state_dict(state.get('teacher', {}))
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load what `state_dict` saved into a callback built with the same losses; the optimizer state joins at the next fit"
+        super().load_state_dict(state)
+        self.teacher.load_state_dict(state.get('teacher', {}))

@@ -21,7 +21,7 @@ from .losses import SoftTarget, HiddenStateCosine
 from .distill import Connected
 from .match import block_list, depth_pairs
 from .teachers import CachedTeacher
-from .callback import KnowledgeDistillationCallback, Outputs
+from .callback import KnowledgeDistillationCallback, Outputs, FitCallback
 
 # %% auto #0
 __all__ = ['as_prompts', 'pad_sequences', 'labelled_sequences', 'Responses', 'generate_responses', 'causal_lm_loss',
@@ -241,8 +241,26 @@ def _check_distiller(learn:Learner):
             "OnPolicy writes Hugging Face's causal-LM labels (labels = input_ids, -100 on the prompt and the padding): create "
             "the distillation callback with outputs=Outputs(shift_labels=True).")
 
+# %% ../nbs/12_lm.ipynb #f605eadc
+def _check_prompts(n:list[int], have:list[int], prompt):
+    "Every sequence has a prompt of at least one of its real tokens"
+    for i, (k, r) in enumerate(zip(n, have)):
+        if k < 1: raise ValueError(
+            f"Sequence {i} of the batch has no prompt: {'it is labelled from its first token' if prompt is None else f'prompt gave {k} tokens'}. "
+            "Label the prompt -100 (as `Responses` does), or pass `prompt=N` (the first N tokens of each sequence) or a function.")
+        if k > r: raise ValueError(f"prompt gives sequence {i} of the batch {k} prompt tokens, but it has {r}.")
+
+def _prompts_from_labels(ids:Tensor, real:Tensor, y)->list[int]:
+    "Each sequence's real tokens before its first labelled one"
+    if not isinstance(y, Tensor) or y.shape != ids.shape: raise ValueError(
+        f"OnPolicy finds each prompt from the labels (its tokens before the first labelled one), but the target has shape "
+        f"{tuple(getattr(y, 'shape', ()))}, not the token ids' {tuple(ids.shape)}: pass `prompt=N` or a function.")
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    first = torch.where(y != -100, pos, ids.shape[1]).min(1).values # each row's first labelled position
+    return (real & (pos < first[:, None])).sum(1).tolist()
+
 # %% ../nbs/12_lm.ipynb #3245b313
-class OnPolicy(Callback):
+class OnPolicy(FitCallback):
     "On a share `lmbda` of the training batches, the student's continuations of the batch's prompts replace the batch"
     order,run_valid = KnowledgeDistillationCallback.order - 1,False # before the distillation callback, whose teacher scores the new batch
     def __init__(self, lmbda:float=0.5, # share of the training batches the student writes (0: off-policy training, 1: all)
@@ -262,9 +280,10 @@ class OnPolicy(Callback):
         store_attr('lmbda,max_new_tokens,prompt,seed,do_sample,pad_token_id,eos_token_id')
         self.generate_kwargs, self.generated, self.batches, self.on, self.starting = generate_kwargs, 0, 0, False, False
 
-    def before_fit(self): self.starting = True # `validate` and `get_preds` fire `before_fit` too: the set-up waits for training
+    def before_fit(self): super().before_fit(); self.starting = True # `validate` and `get_preds` fire `before_fit` too: the set-up waits for training
 
     def before_train(self): # at the fit's first training phase: checks, token ids, and the draws restarted from `seed`
+        super().before_train()
         if not self.starting: return
         self.starting = False
         _check_distiller(self.learn)
@@ -287,60 +306,47 @@ class OnPolicy(Callback):
         self.generated += 1
 
     def after_loss(self): # no cross-entropy on the student's own samples: the distillation losses alone train on them
-        if self.on: self.learn.loss_grad = self.learn.loss_grad * 0
+        if self.on: self.set_loss(self.learn.loss_grad * 0)
 
     def after_batch(self): self.on = False
 
-# %% ../nbs/12_lm.ipynb #f605eadc
-@patch
-def prompts(self:OnPolicy)->list[Tensor]: # 1-D token ids, without padding
-    "The prompt of each sequence of the training batch"
-    ids = plain(self.xb[0])
-    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point(): raise TypeError(
-        f"OnPolicy reads the prompts from the batch's first input, (B, L) token ids; got {type(ids).__name__} "
-        f"{tuple(getattr(ids, 'shape', ()))}.")
-    real = plain(self.xb[1]) != 0 if len(self.xb) > 1 else torch.ones_like(ids, dtype=torch.bool)
-    if real.shape != ids.shape: raise ValueError(
-        f"The batch's second input {tuple(real.shape)} is not an attention mask of its token ids {tuple(ids.shape)}: "
-        "OnPolicy reads batches `(input_ids, attention_mask) → labels` or `input_ids → labels`.")
-    n, have = self.prompt_lengths(ids, real), real.sum(1).tolist()
-    for i, (k, r) in enumerate(zip(n, have)):
-        if k < 1: raise ValueError(
-            f"Sequence {i} of the batch has no prompt: {'it is labelled from its first token' if self.prompt is None else f'prompt gave {k} tokens'}. "
-            "Label the prompt -100 (as `Responses` does), or pass `prompt=N` (the first N tokens of each sequence) or a function.")
-        if k > r: raise ValueError(f"prompt gives sequence {i} of the batch {k} prompt tokens, but it has {r}.")
-    return [row[m][:k] for row, m, k in zip(ids.cpu(), real.cpu(), n)]
+    def prompts(self)->list[Tensor]: # 1-D token ids, without padding
+        "The prompt of each sequence of the training batch"
+        ids = plain(self.xb[0])
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point(): raise TypeError(
+            f"OnPolicy reads the prompts from the batch's first input, (B, L) token ids; got {type(ids).__name__} "
+            f"{tuple(getattr(ids, 'shape', ()))}.")
+        real = plain(self.xb[1]) != 0 if len(self.xb) > 1 else torch.ones_like(ids, dtype=torch.bool)
+        if real.shape != ids.shape: raise ValueError(
+            f"The batch's second input {tuple(real.shape)} is not an attention mask of its token ids {tuple(ids.shape)}: "
+            "OnPolicy reads batches `(input_ids, attention_mask) → labels` or `input_ids → labels`.")
+        n = self.prompt_lengths(ids, real)
+        _check_prompts(n, real.sum(1).tolist(), self.prompt)
+        return [row[m][:k] for row, m, k in zip(ids.cpu(), real.cpu(), n)]
 
-@patch
-def prompt_lengths(self:OnPolicy, ids:Tensor, real:Tensor)->list[int]: # the number of prompt tokens of each sequence
-    "How many of its first real tokens form each sequence's prompt"
-    if callable(self.prompt):
-        n = torch.as_tensor(self.prompt(self.xb, self.yb)).flatten().tolist()
-        if len(n) != len(ids): raise ValueError(f"prompt returned {len(n)} lengths for a batch of {len(ids)} sequences.")
-        return [int(k) for k in n]
-    if self.prompt is not None: return [min(self.prompt, int(r)) for r in real.sum(1)]
-    y = plain(self.yb[0]) if len(self.yb) else None
-    if not isinstance(y, Tensor) or y.shape != ids.shape: raise ValueError(
-        f"OnPolicy finds each prompt from the labels (its tokens before the first labelled one), but the target has shape "
-        f"{tuple(getattr(y, 'shape', ()))}, not the token ids' {tuple(ids.shape)}: pass `prompt=N` or a function.")
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    first = torch.where(y != -100, pos, ids.shape[1]).min(1).values # each row's first labelled position
-    return (real & (pos < first[:, None])).sum(1).tolist()
+    def prompt_lengths(self, ids:Tensor, real:Tensor)->list[int]: # the number of prompt tokens of each sequence
+        "How many of its first real tokens form each sequence's prompt"
+        if callable(self.prompt):
+            n = torch.as_tensor(self.prompt(self.xb, self.yb)).flatten().tolist()
+            if len(n) != len(ids): raise ValueError(f"prompt returned {len(n)} lengths for a batch of {len(ids)} sequences.")
+            return [int(k) for k in n]
+        if self.prompt is not None: return [min(self.prompt, int(r)) for r in real.sum(1)]
+        return _prompts_from_labels(ids, real, plain(self.yb[0]) if len(self.yb) else None)
 
 # %% ../nbs/12_lm.ipynb #920ebb11
-class TokenAccumulation(GradientAccumulation):
+class TokenAccumulation(GradientAccumulation, FitCallback):
     "fastai's `GradientAccumulation`, with the loss normalised over the scored tokens of all the accumulated batches"
     def __init__(self, n_acc:int=32, # items (sequences) to accumulate before a step, as in `GradientAccumulation`
                  shift_labels:bool=True, # labels = input_ids (Hugging Face's convention): the first label of each sequence is never scored
                 ): super().__init__(_check_count('n_acc', n_acc, 'the items to accumulate before a step')); self.shift_labels = shift_labels
 
     def before_fit(self):
-        super().before_fit(); self.tokens = 0
+        FitCallback.before_fit(self); GradientAccumulation.before_fit(self); self.tokens = 0
         if self.opt is not None: self.opt.zero_grad() # an earlier fit's unfinished accumulation is not this fit's
     def after_loss(self): # the batch's mean over its tokens becomes their sum
         n = self.scored()
         self.tokens += n
-        self.learn.loss_grad = self.learn.loss_grad * n
+        self.set_loss(self.learn.loss_grad * n)
 
     def before_step(self):
         self.count += find_bs(self.learn.yb)

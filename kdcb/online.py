@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy, math, random
 from typing import Callable
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastai.callback.core import Callback
@@ -16,33 +15,29 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import find_bs, set_seed
 import fastai.callback.progress, fastai.callback.schedule # Learner.no_bar, Learner.fit_one_cycle
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from fastcore.foundation import L
 from .core import *
 from .losses import SoftTarget
 from .teachers import TeacherSource
 from .distill import DistillationLoss, FeatureHooks
-from .callback import LossColumns, KnowledgeDistillationCallback, FitCallback, TrainedParts, finding_lr
+from .callback import LossColumns, KnowledgeDistillationCallback, FitCallback, finding_lr
 
 # %% auto #0
 __all__ = ['EMATeacher', 'MutualLearning', 'AuxHead', 'DeepSupervision', 'Progressive', 'progressive_temperature',
            'progressive_weight', 'Generations', 'born_again', 'teacher_chain']
 
-# %% ../nbs/09_online.ipynb #273122db
-@torch.no_grad()
-def _broadcast(modules):
-    "Under DDP, every process takes rank 0's parameters and buffers of `modules` (no-op in one process)"
-    if not (dist.is_available() and dist.is_initialized()): return
-    for m in modules:
-        for t in m.state_dict().values(): dist.broadcast(t, 0)
-
 # %% ../nbs/09_online.ipynb #3cb3d5db
-class _EMAStep(Callback):
-    "Updates an `EMATeacher` after every optimizer step of the learner it is attached to"
+class _EMAStep(FitCallback):
+    "Updates an `EMATeacher` after every optimizer step; attached to the learner with the distillation callback whose teacher it is"
     order,run_valid = 90,False # after the step and the other callbacks' `after_step`
     def __init__(self, source): self.source = source
-    def after_step(self):
-        if self.source is not None: self.source.update() # from the model it was built with (not a DDP wrapper around it)
+    def trained(self)->dict: return {'average': self.source.model} # updated, not trained: to the model's device; `lr_find` leaves it as it was
+    def before_fit(self): super().before_fit(); self.n_updates = self.source.n_updates
+    def after_step(self): self.source.update() # from the model it was built with (not a DDP wrapper around it)
+    def after_fit(self):
+        if finding_lr(self.learn): self.source.n_updates = self.n_updates # the average is put back by `FitCallback.after_fit`
+        super().after_fit()
 
 # %% ../nbs/09_online.ipynb #0763c711
 class EMATeacher(TeacherSource):
@@ -58,22 +53,23 @@ class EMATeacher(TeacherSource):
         if not isinstance(warmup, bool): raise TypeError(f"warmup={warmup!r} must be True or False.")
         self.decay, self.warmup, self.n_updates, self.student = decay, warmup, 0, student
         self.model = copy.deepcopy(student).eval().requires_grad_(False) # the teacher: its own copy, never trained directly
-        self._cb = self._snap = None
+        self._step = None
+
+    def callbacks(self)->list[Callback]: # attached to the learner with the distillation callback
+        "The callback that updates the average after every optimizer step"
+        if self._step is None: self._step = _EMAStep(self)
+        return [self._step]
 
     def enter(self, learn:Learner):
-        self.exit()
         if getattr(learn.model, 'module', learn.model) is not self.student: raise ValueError( # DDP wraps the model in `.module`
             "EMATeacher averages the model it was built with, but this learner trains another one: build it with "
             "`EMATeacher(learn.model)` for the learner it teaches.")
         if any(getattr(getattr(c, 'teacher', None), 'source', None) is self for c in learn.cbs): raise ValueError(
             "A CachedTeacher would keep the average's outputs from the first epoch, but the average changes at every step: "
             "give the EMATeacher itself as the teacher.")
-        p = first_float(self.student)
-        if p is not None: self.model.to(p.device)
-        _broadcast([self.model]) # under DDP: rank 0's average, as DDP gives every rank rank 0's student
-        self._snap = (snapshot([self.model]), self.n_updates) if finding_lr(learn) else None # lr_find: leave the average as it was
-        self._cb = _EMAStep(self)
-        learn.add_cb(self._cb)
+        if self._step is None or self._step.learn is not learn: raise ValueError(
+            "Nothing would update this EMATeacher: give it to the distillation callback as its teacher, "
+            "`KnowledgeDistillationCallback(EMATeacher(learn.model))`, which attaches its update with it.")
 
     @property
     def current_decay(self)->float: # the decay the next update uses
@@ -92,36 +88,40 @@ class EMATeacher(TeacherSource):
         self.model.eval() # the average is always used in eval mode
         with torch.no_grad(): return self.model(*model_inputs(tuple(xb), self.model))
 
-    def exit(self):
-        cb, self._cb = self._cb, None
-        if cb is not None and cb.learn is not None and cb in cb.learn.cbs: cb.learn.remove_cb(cb)
-        if cb is not None: cb.source = None
-        if self._snap is not None: load_snapshot([self.model], self._snap[0]); self.n_updates = self._snap[1]
-        self._snap = None
+    def state_dict(self)->dict: # the average and its update count, to resume
+        "The moving average's state, saved with the distillation callback's `state_dict`"
+        return {'model': self.model.state_dict(), 'n_updates': self.n_updates}
 
-    def __getstate__(self): # a pickled source (e.g. inside a callback) carries neither learner nor updater
-        return {**self.__dict__, '_cb': None, '_snap': None}
+    def load_state_dict(self, state:dict): # as returned by `state_dict`
+        "Load an average saved by `state_dict`"
+        self.model.load_state_dict(state['model']); self.n_updates = state['n_updates']
 
-# %% ../nbs/09_online.ipynb #a4e915a9
-@patch
-def state_dict(self:EMATeacher)->dict: # the average and its update count, to resume
-    "The moving average's state, saved with the distillation callback's `state_dict`"
-    return {'model': self.model.state_dict(), 'n_updates': self.n_updates}
-
-@patch
-def load_state_dict(self:EMATeacher, state:dict): # as returned by `state_dict`
-    "Load an average saved by `state_dict`"
-    self.model.load_state_dict(state['model']); self.n_updates = state['n_updates']
+    def __getstate__(self): return {**self.__dict__, '_step': None} # a pickled source carries neither learner nor updater
 
 # %% ../nbs/09_online.ipynb #c70e73a6
 def _peer_target(logits:list[Tensor], T:float)->Tensor:
     "Logits whose softmax at temperature T is the mean of the softmaxes of `logits` at T (detached)"
     return T * torch.stack([F.log_softmax(z.detach().float() / T, -1) for z in logits]).logsumexp(0).sub(math.log(len(logits)))
 
+def _peer_outputs(peers:list[nn.Module], xb:tuple, pred)->list[Tensor]:
+    "Each peer's output on the batch inputs `xb`, refused unless it has the shape of the learner's model's `pred`"
+    shape, outs = output_tensor(pred, 'the student output').shape, []
+    for i, m in enumerate(peers, 1):
+        outs.append(z := output_tensor(m(*model_inputs(tuple(xb), m)), f'peer {i} output'))
+        if z.shape != shape: raise ValueError(f"MutualLearning: peer {i} returns outputs of shape {tuple(z.shape)}, the learner's model "
+                                              f"{tuple(shape)}: every student of the cohort must predict the same classes.")
+    return outs
+
 # %% ../nbs/09_online.ipynb #89584579
 def _acc(pred:Tensor, y:Tensor)->Tensor: # accuracy over positions whose label is not -100
     keep = y != -100
     return ((pred.argmax(-1) == y) & keep).sum().float() / keep.sum().clamp_min(1)
+
+def _cohort_figures(preds:list[Tensor], yb:tuple, loss_func)->Tensor:
+    "Each peer's loss and accuracy (`preds[0]` is the learner's model), then the accuracy of the cohort's mean probabilities"
+    y = plain(yb[0])
+    vals = [v for z in preds[1:] for v in (plain(loss_func(z, *yb)).detach().float(), _acc(z, y))]
+    return torch.stack(vals + [_acc(torch.stack([F.softmax(z.float(), -1) for z in preds]).mean(0), y)])
 
 # %% ../nbs/09_online.ipynb #aad66623
 class MutualLearning(FitCallback):
@@ -139,98 +139,41 @@ class MutualLearning(FitCallback):
         self.kd_losses = [DistillationLoss(SoftTarget(T), weight) for _ in range(len(self.peers) + 1)]
         names = [f'peer{i}' for i in range(1, len(self.peers) + 1)]
         self.columns = LossColumns([*(f'{n}_{c}' for n in names for c in ('valid_loss', 'accuracy')), 'cohort_accuracy'])
-        self.peer_preds, self.parts, self._last = None, TrainedParts(), None
+        self.peer_preds, self._last = None, None
 
-# %% ../nbs/09_online.ipynb #79aaad74
-@patch
-def before_fit(self:MutualLearning):
-    self.cleanup()
-    self._last = self.learn # for `peer_learner` after the callback has left the learner
-    if any(p is self.model for p in self.peers): raise ValueError("The learner's model is also among `peers`: give the other students only.")
-    p = first_float(self.model)
-    for m in self.peers:
-        if p is not None: m.to(p.device)
-    _broadcast(self.peers) # under DDP: rank 0's peers on every rank (their gradients are averaged in after_backward)
-    self.parts.enter(self.learn, self.peers) # trained by the learner's optimizer; lr_find leaves them as they were
+    def trained(self)->dict: return {'peers': nn.ModuleList(self.peers)} # trained by the learner's optimizer, for the fit
 
-@patch
-def before_train(self:MutualLearning):
-    for m in self.peers: m.train()
-    self.parts.join(self.opt)
+    def before_fit(self):
+        if any(p is self.model for p in self.peers): raise ValueError("The learner's model is also among `peers`: give the other students only.")
+        super().before_fit() # the peers to the model's device; rank 0's under DDP
+        self._last = self.learn # for `peer_learner` after the callback has left the learner
 
-@patch
-def before_validate(self:MutualLearning):
-    for m in self.peers: m.eval()
+    def before_batch(self):
+        if self.training:
+            for l in self.kd_losses: l.set_progress(self.pct_train)
 
-@patch
-def before_batch(self:MutualLearning):
-    if not self.training: return
-    for l in self.kd_losses: l.set_progress(self.pct_train)
+    def after_pred(self): self.peer_preds = _peer_outputs(self.peers, self.xb, self.pred) # each peer, on the inputs the model had
 
-@patch
-def after_pred(self:MutualLearning): # the learner's model has run: now each peer, on the same inputs
-    self.peer_preds = [output_tensor(m(*model_inputs(tuple(self.xb), m)), f'peer {i+1} output') for i, m in enumerate(self.peers)]
-    shape = output_tensor(self.pred, 'the student output').shape
-    for i, z in enumerate(self.peer_preds, 1):
-        if z.shape != shape: raise ValueError(f"MutualLearning: peer {i} returns outputs of shape {tuple(z.shape)}, the learner's model "
-                                              f"{tuple(shape)}: every student of the cohort must predict the same classes.")
+    def after_loss(self):
+        if not len(self.yb): return
+        preds, y = [output_tensor(self.pred, 'the student output'), *self.peer_preds], plain(self.yb[0])
+        if not self.training: return self.columns.accumulate(_cohort_figures(preds, self.yb, self.loss_func), find_bs(self.yb))
+        mixed = []
+        for i, (z, kd) in enumerate(zip(preds, self.kd_losses)):
+            task, st = plain(self.learn.loss_grad) if i == 0 else self.loss_func(z, *self.yb), kd.terms[0].loss # st: its SoftTarget
+            mixed.append(kd(task, pred=z, teacher_pred=_peer_target(preds[:i] + preds[i+1:], float(st.now(st.T))), target=y)[0])
+        self.set_loss(sum(mixed), mixed[0]) # each student's gradient from its own term; train_loss: the learner's model's, as without peers
 
-# %% ../nbs/09_online.ipynb #ac7663cf
-@patch
-def after_loss(self:MutualLearning):
-    if not len(self.yb): return
-    preds, y = [output_tensor(self.pred, 'the student output'), *self.peer_preds], plain(self.yb[0])
-    if not self.training: return self._accumulate(preds, y)
-    total = 0.
-    for i, (z, kd) in enumerate(zip(preds, self.kd_losses)):
-        task = plain(self.learn.loss_grad) if i == 0 else self.loss_func(z, *self.yb)
-        others = preds[:i] + preds[i+1:]
-        mixed, _ = kd(task, pred=z, teacher_pred=_peer_target(others, float(kd.terms[0].loss.now(kd.terms[0].loss.T))), target=y)
-        if i == 0: own = mixed.detach()
-        total = total + mixed
-    cls = type(self.learn.loss_grad)
-    self.learn.loss_grad = total.to(self.learn.loss_grad.dtype).as_subclass(cls) # each student's gradient from its own term
-    self.learn.loss = own.to(self.learn.loss.dtype, copy=True).as_subclass(cls) # train_loss: the learner's own model, as in a run without peers
+    def after_batch(self): self.peer_preds = None
+    def cleanup(self): super().cleanup(); self.peer_preds = None
 
-@patch
-def _accumulate(self:MutualLearning, preds, y):
-    bs, vals = find_bs(self.yb), []
-    for z in preds[1:]: vals += [plain(self.loss_func(z, *self.yb)).detach().float(), _acc(z, y)]
-    cohort = torch.stack([F.softmax(z.float(), -1) for z in preds]).mean(0)
-    vals.append(_acc(cohort, y))
-    self.columns.accumulate(torch.stack(vals), bs) # the columns show validation figures; no sync per batch
-
-@patch
-def after_batch(self:MutualLearning): self.peer_preds = None
-
-# %% ../nbs/09_online.ipynb #84288518
-@patch
-def cleanup(self:MutualLearning):
-    "Take the peers out of the optimizer; safe to repeat, and after a fit that raised"
-    self.parts.leave(self.learn)
-    self.peer_preds = None
-
-@patch
-def state_dict(self:MutualLearning)->dict: # {'peers': each peer's state_dict, 'optimizer': their parameters' optimizer state}
-    "The peers and their optimizer state, to resume training"
-    return {'peers': [m.state_dict() for m in self.peers], 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
-
-@patch
-def load_state_dict(self:MutualLearning, state:dict): # as returned by `state_dict`
-    "Load what `state_dict` saved into a callback with as many peers; the optimizer state joins at the next fit"
-    if len(state['peers']) != len(self.peers): raise ValueError(
-        f"The saved state holds {len(state['peers'])} peers, this callback {len(self.peers)}: build it with the same peers.")
-    for m, s in zip(self.peers, state['peers']): m.load_state_dict(s)
-    self.parts.saved = list(state.get('optimizer', []))
-
-@patch
-def peer_learner(self:MutualLearning, i:int, # 1 for the first peer, ... (0: the learner's own model)
-                               )->Learner:
-    "A plain `Learner` of student `i` on the same data, loss and metrics: to validate, predict with or `export` it alone"
-    n, l = len(self.peers) + 1, self.learn or self._last # attached now, or the learner of the last fit
-    if not 0 <= i < n: raise IndexError(f"Student {i} does not exist: the cohort has {n} (0 is the learner's model, 1..{n-1} the peers).")
-    if l is None: raise ValueError("This callback has not been used in a fit yet: there is no learner to take the data, loss and metrics from.")
-    return Learner(l.dls, l.model if i == 0 else self.peers[i-1], loss_func=l.loss_func, metrics=l.metrics)
+    def peer_learner(self, i:int, # 1 for the first peer, ... (0: the learner's own model)
+                    )->Learner:
+        "A plain `Learner` of student `i` on the same data, loss and metrics: to validate, predict with or `export` it alone"
+        n, l = len(self.peers) + 1, self.learn or self._last # attached now, or the learner of the last fit
+        if not 0 <= i < n: raise IndexError(f"Student {i} does not exist: the cohort has {n} (0 is the learner's model, 1..{n-1} the peers).")
+        if l is None: raise ValueError("This callback has not been used in a fit yet: there is no learner to take the data, loss and metrics from.")
+        return Learner(l.dls, l.model if i == 0 else self.peers[i-1], loss_func=l.loss_func, metrics=l.metrics)
 
 # %% ../nbs/09_online.ipynb #4218b373
 class AuxHead(nn.Sequential):
@@ -241,6 +184,12 @@ class AuxHead(nn.Sequential):
     def forward(self, x:Tensor)->Tensor:
         if x.ndim > 2: x = x.flatten(2).mean(-1) # global average pool over every position
         return self[1](x)
+
+def _aux_heads(learn:Learner, layers:list[str])->nn.ModuleList:
+    "One `AuxHead` per layer, sized by one validation batch run in eval mode (BatchNorm statistics untouched)"
+    model, hooks = learn.model, FeatureHooks(learn.model, layers, 'student')
+    with EvalMode(model), torch.no_grad(), hooks: out = output_tensor(model(*model_inputs(batch_inputs(learn.dls), model)), 'the model output')
+    return nn.ModuleList([AuxHead(f.shape[1], out.shape[-1]) for f in hooks.read().values()])
 
 # %% ../nbs/09_online.ipynb #83584509
 class DeepSupervision(FitCallback):
@@ -255,87 +204,40 @@ class DeepSupervision(FitCallback):
         if isinstance(layers, str): layers = [layers]
         if not len(layers): raise ValueError("Give at least one layer name for an auxiliary head.")
         if not aux_weight >= 0: raise ValueError(f"aux_weight={aux_weight!r} must be >= 0.")
-        self.layers, self.aux_weight = list(layers), aux_weight
-        self.kd_loss = DistillationLoss(SoftTarget(T), weight)
-        self.heads, self.hooks, self.feats, self.parts = None, None, None, TrainedParts()
+        self.layers, self.aux_weight, self.kd_loss = list(layers), aux_weight, DistillationLoss(SoftTarget(T), weight)
+        self.heads = self.hooks = None
         self.columns = LossColumns([f'aux{i}_{c}' for i in range(len(self.layers)) for c in ('loss', 'accuracy')])
 
-# %% ../nbs/09_online.ipynb #e2c09055
-@patch
-def _build_heads(self:DeepSupervision, learn:Learner):
-    "Probe the hooked layers' shapes on one validation batch, in eval mode (BatchNorm statistics untouched)"
-    xb, model = batch_inputs(learn.dls), learn.model
-    with EvalMode(model), torch.no_grad(), self.hooks: out = output_tensor(model(*model_inputs(xb, model)), 'the model output')
-    feats = self.hooks.read()
-    self.heads = nn.ModuleList([AuxHead(f.shape[1], out.shape[-1]) for f in feats.values()])
+    def trained(self)->dict: return {} if self.heads is None else {'heads': self.heads}
+    def build_heads(self, learn:Learner): self.heads = _aux_heads(learn, self.layers) # for `learn`'s model now, e.g. to load saved ones before fitting
 
-@patch
-def before_fit(self:DeepSupervision):
-    self.cleanup()
-    self.hooks = FeatureHooks(self.model, self.layers, 'student')
-    if self.heads is None: self._build_heads(self.learn)
-    self.hooks.attach()
-    p = first_float(self.model)
-    if p is not None: self.heads.to(device=p.device, dtype=p.dtype) # float64 models get float64 heads
-    _broadcast([self.heads]) # under DDP: rank 0's heads on every rank (their gradients are averaged in after_backward)
-    self.parts.enter(self.learn, [self.heads]) # trained by the learner's optimizer; lr_find leaves them as they were
+    def before_fit(self):
+        self.cleanup()
+        if self.heads is None: self.build_heads(self.learn)
+        self.hooks = FeatureHooks(self.model, self.layers, 'student') # attached for each forward pass only
+        self.take_parts() # the heads to the model's device and dtype; they join the optimizer at `before_train`
 
-@patch
-def before_train(self:DeepSupervision):
-    if self.hooks is not None: self.parts.join(self.opt)
+    def before_batch(self):
+        if self.training: self.kd_loss.set_progress(self.pct_train)
+        self.hooks.clear(); self.hooks.attach()
+    def after_pred(self): self.hooks.detach() # what they stored stays readable until `after_loss`
 
-@patch
-def before_batch(self:DeepSupervision):
-    if self.hooks is None: return
-    self.hooks.clear()
-    if self.training: self.kd_loss.set_progress(self.pct_train)
-    self.heads.train(self.training)
+    def after_loss(self):
+        if not len(self.yb): return
+        z, y = output_tensor(self.pred, 'the model output').detach(), plain(self.yb[0])
+        logits = [head(f) for f, head in zip(self.hooks.read().values(), self.heads)]
+        mixed = [self.kd_loss(self.loss_func(a, *self.yb), pred=a, teacher_pred=z, target=y)[0] for a in logits]
+        if self.training: self.set_loss(self.learn.loss_grad + self.aux_weight * sum(mixed)) # train_loss stays the model's own
+        else: self.columns.accumulate(torch.stack([v for m, a in zip(mixed, logits) for v in (m.detach().float(), _acc(a.detach(), y))]), find_bs(self.yb))
 
-@patch
-def after_loss(self:DeepSupervision):
-    if self.hooks is None or not len(self.yb): return
-    feats, z, y = self.hooks.read(), output_tensor(self.pred, 'the model output'), plain(self.yb[0])
-    total, vals = 0., []
-    for f, head in zip(feats.values(), self.heads):
-        a = head(f)
-        task = self.loss_func(a, *self.yb)
-        mixed, _ = self.kd_loss(task, pred=a, teacher_pred=z.detach(), target=y)
-        total = total + mixed
-        vals += [mixed.detach().float(), _acc(a.detach(), y)]
-    if self.training:
-        cls = type(self.learn.loss_grad)
-        self.learn.loss_grad = (self.learn.loss_grad + self.aux_weight * total).as_subclass(cls)
-    else: self.columns.accumulate(torch.stack(vals), find_bs(self.yb)) # columns: validation figures of every head
+    def after_batch(self): self.hooks.clear()
+    def cleanup(self):
+        if self.hooks: self.hooks.remove()
+        super().cleanup()
 
-@patch
-def after_batch(self:DeepSupervision):
-    if self.hooks: self.hooks.clear()
-
-# %% ../nbs/09_online.ipynb #dd12cf01
-@patch
-def cleanup(self:DeepSupervision):
-    "Hooks off, heads out of the optimizer; safe to repeat"
-    if self.hooks: self.hooks.remove()
-    self.parts.leave(self.learn)
-
-@patch
-def state_dict(self:DeepSupervision)->dict: # {'heads': their state_dict, 'optimizer': their parameters' optimizer state}
-    "The heads and their optimizer state, to resume training"
-    return {'heads': {} if self.heads is None else self.heads.state_dict(), 'optimizer': self.parts.opt_state(self.opt if self.learn is not None else None)}
-
-@patch
-def load_state_dict(self:DeepSupervision, state:dict):
-    "Load what `state_dict` saved (the callback must have built its heads: after a fit, or with `build_heads`); the optimizer state joins at the next fit"
-    if self.heads is None: raise ValueError("The heads do not exist yet: call `build_heads(learn)` (or fit once) before loading.")
-    self.heads.load_state_dict(state['heads'])
-    self.parts.saved = list(state.get('optimizer', []))
-
-@patch
-def build_heads(self:DeepSupervision, learn:Learner):
-    "Build the heads for `learn`'s model now (to load saved ones before fitting)"
-    self.hooks = FeatureHooks(learn.model, self.layers, 'student')
-    try: self._build_heads(learn)
-    finally: self.hooks.remove()
+    def load_state_dict(self, state:dict):
+        if self.heads is None: raise ValueError("The heads do not exist yet: call `build_heads(learn)` (or fit once) before loading.")
+        super().load_state_dict(state)
 
 # %% ../nbs/09_online.ipynb #187f4f19
 class Progressive:

@@ -49,14 +49,15 @@ def test_a_fit_that_raises_leaves_nothing_behind(dls, exc, how):
     spy = []
     class Spy(Callback): # records what the fit had set up, to be sure there was something to clean
         order = 8
-        def before_train(self): spy.append((n_hooks(student), len(self.opt.param_lists[-1])))
+        def before_batch(self): # after the distillation callback has hooked the student for this forward pass
+            if not spy: spy.append((n_hooks(student), len(self.opt.param_lists[-1])))
     with pytest.raises(KeyboardInterrupt if exc == 'before_fit' else exc):
         quiet_fit(learn, 1, cbs=[boom, Spy()] + ([kd] if how == 'fit(cbs=)' else []))
     if exc != 'before_fit': assert spy == [(1, n0 + 2)] # student hooked, connector in the optimizer
     assert n_hooks(student, teacher) == 0
     assert all(m.training for m in teacher.modules()) and [p.requires_grad for p in teacher.parameters()] == [False] + [True]*5
     assert len(learn.opt.param_lists[-1]) == n0
-    assert (kd in learn.cbs) == (how == 'Learner(cbs=)') and kd.columns not in learn.cbs # the columns come with each fit only
+    assert (kd in learn.cbs) == (how == 'Learner(cbs=)') == (kd.columns in learn.cbs) # the columns come and go with the callback
     if how == 'Learner(cbs=)': # still attached: the next fit distils as before
         quiet_fit(learn, 1)
         assert n_hooks(student, teacher) == 0 and len(learn.opt.param_lists[-1]) == n0
@@ -72,31 +73,99 @@ def exportable(dls, bs=32, **kw):
     return Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n)), list(range(n, len(items)))]).dataloaders(bs=bs, **kw)
 
 
-def test_the_patches_of_learner_are_installed_once_and_named(dls):
-    "kdcb replaces no attribute of a Learner instance: fastai's `_with_events` and `export`, patched once on the class"
-    import fastai.learner as fl
-    assert Learner._with_events.fastai.__module__ == 'fastai.learner' and Learner.export.fastai.__module__ == 'fastai.learner'
-    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillationCallback(conv(8)))
+def test_the_wrappers_of_learner_are_installed_once_and_call_fastais(dls):
+    "kdcb wraps `Learner._with_events` and `Learner.export` once, each calling fastai's; nothing is set on a Learner instance"
+    import inspect
+    from kdcb.callback import extend_learner
+    assert Learner.export.kdcb and Learner._with_events.kdcb
+    assert inspect.unwrap(Learner.export).__module__ == 'fastai.learner' and inspect.unwrap(Learner._with_events).__module__ == 'fastai.learner'
+    before = (Learner.export, Learner._with_events)
+    assert extend_learner() and (Learner.export, Learner._with_events) == before # a second call wraps nothing again
+    kd = KnowledgeDistillationCallback(conv(8))
+    learn = Learner(dls, conv(), loss_func=CrossEntropyLossFlat(), cbs=kd)
     quiet_fit(learn, 1)
     assert '_with_events' not in learn.__dict__ and 'export' not in learn.__dict__
-    assert not any(isinstance(c, LossColumns) for c in learn.cbs) # the columns come with each fit only
+    assert [c for c in learn.cbs if isinstance(c, LossColumns)] == [kd.columns] # attached with the callback
+    learn.remove_cb(kd)
+    assert not any(isinstance(c, LossColumns) for c in learn.cbs)
 
 
-def test_the_fastai_code_the_patches_wrap_is_what_they_were_written_against():
-    "Fails loudly when fastai changes `_with_events`, `fit` or `export`: check kdcb's patches in kdcb.callback, then update this"
-    import fastai, inspect, hashlib
+def test_the_fastai_code_the_wrappers_call_is_what_they_were_written_against():
+    "Fails loudly when fastai changes `_with_events`, `fit` or `export`; settings.ini requires the fastai range kdcb tested"
+    import fastai, inspect, configparser
+    from pathlib import Path
     from packaging.version import Version
-    assert Version('2.8') <= Version(fastai.__version__) < Version('2.9'), fastai.__version__
-    src = lambda f: inspect.getsource(f).strip()
-    assert src(Learner._with_events.fastai) == (
+    from kdcb.callback import _FASTAI_TESTED, fastai_untested
+    lo, hi = ('.'.join(map(str, v)) for v in _FASTAI_TESTED)
+    assert Version(lo) <= Version(fastai.__version__) < Version(hi), fastai.__version__
+    assert fastai_untested() == ''
+    cfg = configparser.ConfigParser(); cfg.read(Path(__file__).parent.parent/'settings.ini')
+    assert f'fastai>={lo},<{hi}' in cfg['DEFAULT']['requirements'].split()
+    src = lambda f: inspect.getsource(inspect.unwrap(f)).strip()
+    assert src(Learner._with_events) == (
         "def _with_events(self, f, event_type, ex, final=noop):\n"
         "        try: self(f'before_{event_type}');  f()\n"
         "        except ex: self(f'after_cancel_{event_type}')\n"
         "        self(f'after_{event_type}');  final()")
     fit = src(Learner.fit)
     assert "with self.added_cbs(cbs):" in fit and "self._with_events(self._do_fit, 'fit', CancelFitException, self._end_cleanup)" in fit
-    assert list(inspect.signature(Learner.export.fastai).parameters) == ['self', 'fname', 'pickle_module', 'pickle_protocol']
-    assert 'torch.save(self, ' in src(Learner.export.fastai)
+    assert list(inspect.signature(inspect.unwrap(Learner.export)).parameters) == ['self', 'fname', 'pickle_module', 'pickle_protocol']
+    assert 'torch.save(self, ' in src(Learner.export)
+
+
+def _fastais_own(monkeypatch):
+    "Learner's two methods as fastai defines them, as before kdcb's import (put back after the test)"
+    import inspect
+    for name in ('export', '_with_events'): monkeypatch.setattr(Learner, name, inspect.unwrap(getattr(Learner, name)))
+
+
+def test_an_untested_fastai_gets_one_warning_and_still_trains(dls, monkeypatch, tmp_path):
+    "A fastai version kdcb was not tested with: one warning, fastai's methods left alone, and distillation trains as usual"
+    import fastai, warnings
+    from kdcb.callback import extend_learner
+    _fastais_own(monkeypatch)
+    monkeypatch.setattr(fastai, '__version__', '2.99.0')
+    own = (Learner.export, Learner._with_events)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        assert extend_learner() is False
+    assert len(w) == 1 and 'fastai 2.99.0 is outside the tested range' in str(w[0].message)
+    assert (Learner.export, Learner._with_events) == own # not wrapped
+    teacher, student = conv(8), conv()
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'])
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), cbs=kd)
+    quiet_fit(learn, 2)
+    assert learn.recorder.metric_names[-4:] == ['task_loss', 'soft_target', 'attention', 'time'] and all(v is not None for v in kd.averages())
+    assert n_hooks(student, teacher) == 0
+    with pytest.raises(Boom): quiet_fit(learn, 1, cbs=BoomAt(2)) # without the wrapper, the next fit cleans up
+    quiet_fit(learn, 1)
+    assert n_hooks(student, teacher) == 0 and all(m.training for m in teacher.modules())
+    kd2 = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'])
+    with pytest.raises(Boom): quiet_fit(learn, 1, cbs=[kd2, BoomAt(2)]) # fit(cbs=): cleaned up as fastai removes the callback
+    assert n_hooks(student, teacher) == 0
+
+
+@pytest.mark.parametrize('order', ['before kdcb', 'after kdcb'])
+def test_wrappers_chain_with_another_librarys(dls, tmp_path, monkeypatch, order):
+    "Another library wraps the same two methods, before or after kdcb: both wrappers run, in export and in a fit that raises"
+    from kdcb.callback import extend_learner
+    calls = []
+    def other(name):
+        prev = getattr(Learner, name)
+        def wrapper(self, *a, **k): calls.append(name); return prev(self, *a, **k) # chains, but keeps no `__wrapped__`
+        monkeypatch.setattr(Learner, name, wrapper)
+    if order == 'before kdcb':
+        _fastais_own(monkeypatch)
+        other('export'); other('_with_events')
+        assert extend_learner()
+    else: other('export'); other('_with_events')
+    teacher, student = conv(8), conv()
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'])
+    learn = Learner(exportable(dls), student, loss_func=CrossEntropyLossFlat(), path=tmp_path, cbs=kd)
+    with pytest.raises(Boom): quiet_fit(learn, 1, cbs=BoomAt(2))
+    assert n_hooks(student, teacher) == 0 and '_with_events' in calls # cleaned up at once: kdcb's wrapper ran too
+    learn.export('m.pkl')
+    assert 'export' in calls and b'kdcb' not in _exported_bytes(tmp_path/'m.pkl') and kd in learn.cbs
 
 
 def _exported_bytes(path)->bytes:
@@ -137,8 +206,10 @@ def test_the_teacher_learner_still_trains_after_a_failed_distillation(dls):
 def test_one_callback_in_two_learners_is_refused(dls):
     kd = KnowledgeDistillationCallback(mlp(h=32))
     first = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
-    Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
-    with pytest.raises(ValueError, match='attached to another Learner too'): quiet_fit(first, 1)
+    with pytest.raises(ValueError, match='attached to another Learner already'): Learner(dls, mlp(), loss_func=CrossEntropyLossFlat(), cbs=kd)
+    with pytest.raises(ValueError, match='attached to another Learner already'): quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd)
+    quiet_fit(first, 1) # still the first learner's
+    first.remove_cb(kd); quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=kd) # free again once removed
 
 
 def test_a_bfloat16_teacher_comes_back_bit_identical(dls):
