@@ -1,7 +1,7 @@
 """Peak memory of one distilled training step of a causal language model, divided by the plain fine-tuning step's, at
 real vocabularies: each divergence of `kdcb.divergences` (computed over chunks of positions) and `SoftTarget(T=2)`.
 
-Run: python benchmarks/lm_memory.py [--vocabs 50257,128256] [--archs gpt2,llama] [--bs 8] [--L 256] [--variants ...] [--jobs 1] [--mem-gb 16]
+Run: python benchmarks/lm_memory.py [--vocabs 50257,128256] [--archs gpt2,llama] [--bs 8] [--L 256] [--variants ...] [--allocator both] [--jobs 1] [--mem-gb 16]
 
 Models: a tiny GPT-2 (`GPT2LMHeadModel`) or Llama (`LlamaForCausalLM`) student, 2 blocks of width 64, distilled from a
 teacher of the same family, 4 blocks of width 128, both built from configs with the given vocabulary (nothing
@@ -16,8 +16,10 @@ runs in a fresh subprocess that builds both models and the learner, fits once to
 optimizer state), resets the kernel's peak-RSS counter (`/proc/self/clear_refs`, as `overhead.py`), fits again and
 reads the peak (`VmHWM`). The figure is that peak minus the resident size just before the second fit: what the step
 needed above models, optimizer state and libraries. (The warm-up fit runs on one sequence of 8 tokens: it builds the
-optimizer state and lazy buffers without costing a second full step.) glibc's malloc runs with a fixed mmap threshold, so freed large
-blocks go back to the kernel and the peak follows live memory rather than the allocator's caching. CUDA, where it
+optimizer state and lazy buffers without costing a second full step.) `--allocator` chooses how glibc's malloc runs
+in the children: `default` as a user runs it (no settings: the peak includes freed memory the allocator keeps),
+`mmap` with a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_`), so freed large blocks go back to the kernel and the
+peak follows live memory, or `both` (the default), each row measured both ways. CUDA, where it
 exists: `torch.cuda.max_memory_allocated` during the second fit minus `memory_allocated` before it, in the same child.
 The ratio is distilled / plain for the same architecture and vocabulary; 1 would mean distillation costs no memory.
 """
@@ -88,6 +90,8 @@ def main():
     p.add_argument('--vocabs', default='50257,128256'); p.add_argument('--archs', default='gpt2,llama')
     p.add_argument('--bs', type=int, default=8); p.add_argument('--L', type=int, default=256)
     p.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated, from: ' + ', '.join(VARIANTS))
+    p.add_argument('--allocator', default='both', choices=['default', 'mmap', 'both'],
+                   help="glibc malloc in the children: as users run it, with a fixed mmap threshold, or both")
     p.add_argument('--jobs', type=int, default=1, help='children run at once (each measures its own peak; mind the total memory)')
     p.add_argument('--mem-gb', type=float, default=16., help='with --jobs: the estimated peaks of the children running at once stay under this')
     p.add_argument('--child', help=argparse.SUPPRESS)
@@ -101,31 +105,34 @@ def main():
     print('\nstep MiB: peak RSS of the second (measured) one-batch fit minus RSS before it, fresh subprocess per row'
           + ('; cuda MiB: max_memory_allocated above the allocation before it' if torch.cuda.is_available() else '') + '\n')
     cuda = torch.cuda.is_available()
-    runs = [(arch, V, v) for V in map(int, a.vocabs.split(',')) for arch in a.archs.split(',') for v in variants] # smaller vocabularies first
+    allocs = ['default', 'mmap'] if a.allocator == 'both' else [a.allocator]
+    runs = [(arch, V, v, m) for V in map(int, a.vocabs.split(',')) for arch in a.archs.split(',') for m in allocs
+            for v in variants] # smaller vocabularies first
     lock, used = threading.Condition(), [0.]
     def run(r):
-        arch, V, v = r
+        arch, V, v, m = r
         need = 1 + a.bs * a.L * V * 4 / 2**30 * (10 if v == 'soft_target' else 5) # GiB, a generous estimate of the child's peak
         with lock:
             lock.wait_for(lambda: used[0] == 0 or used[0] + need <= a.mem_gb); used[0] += need
         while available_gb() < need + 2: time.sleep(5) # other processes on the machine need their memory too
         try:
-            res = measure(arch, V, v)
-            print(f'  done: {arch} {V} {v}: {res}', file=sys.stderr, flush=True)
+            res = measure(arch, V, v, m)
+            print(f'  done: {arch} {V} {v} {m}: {res}', file=sys.stderr, flush=True)
             return res
         finally:
             with lock: used[0] -= need; lock.notify_all()
-    def measure(arch, V, v):
+    def measure(arch, V, v, m):
         args = [sys.executable, __file__, '--child', f'{arch}:{V}:{v}', '--bs', str(a.bs), '--L', str(a.L)]
-        out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+        env = {k: x for k, x in os.environ.items() if not k.startswith('MALLOC_')} # nothing inherited from the caller
+        out = subprocess.run(args, capture_output=True, text=True, env={**env, **MALLOC_ENV} if m == 'mmap' else env)
         return (out.stderr.strip().splitlines() or ['?'])[-1] if out.returncode else json.loads(out.stdout.strip().splitlines()[-1])
     with ThreadPoolExecutor(a.jobs) as ex: res = dict(zip(runs, ex.map(run, runs))) # each child measures its own peak
-    print('| model | vocabulary | loss | step MiB | / plain |' + (' cuda MiB | / plain |' if cuda else '') + '\n|---|---|---|---|---|' + ('---|---|' if cuda else ''))
-    for arch, V, v in runs:
-        r, p0 = res[arch, V, v], res[arch, V, 'plain']
-        if isinstance(r, str) or isinstance(p0, str): print(f'| {arch} | {V:,} | {v} | failed: {r if isinstance(r, str) else p0} | |'); continue
+    print('| model | vocabulary | malloc | loss | step MiB | / plain |' + (' cuda MiB | / plain |' if cuda else '') + '\n|---|---|---|---|---|---|' + ('---|---|' if cuda else ''))
+    for arch, V, v, m in runs:
+        r, p0 = res[arch, V, v, m], res[arch, V, 'plain', m]
+        if isinstance(r, str) or isinstance(p0, str): print(f'| {arch} | {V:,} | {m} | {v} | failed: {r if isinstance(r, str) else p0} | |'); continue
         (before, peak, cu), (b0, pk0, cu0) = r, p0
-        print(f'| {arch} | {V:,} | {v} | {peak - before:,.0f} | {(peak - before) / (pk0 - b0):.2f} |'
+        print(f'| {arch} | {V:,} | {m} | {v} | {peak - before:,.0f} | {(peak - before) / (pk0 - b0):.2f} |'
               + (f' {cu:,.0f} | {cu / cu0:.2f} |' if cuda else ''))
 
 if __name__ == '__main__': main()

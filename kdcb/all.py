@@ -7,6 +7,7 @@ __all__ = []
 
 # %% ../nbs/07_all.ipynb #f9b0d9b0
 from .core import *
+from .chunked import *
 from .losses import *
 from .match import *
 from .teachers import *
@@ -20,7 +21,7 @@ from .detection import *
 from .lm import *
 from .divergences import *
 from .fasterai import get_model_layers, fasterai_schedule # fasterai's callback: `from kdcb.fasterai import *`
-from . import core, losses, match, teachers, distill, callback, data, online, contrastive, multilabel, detection, lm, divergences
-__all__ = [*core.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
+from . import core, chunked, losses, match, teachers, distill, callback, data, online, contrastive, multilabel, detection, lm, divergences
+__all__ = [*core.__all__, *chunked.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
            *data.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *detection.__all__, *lm.__all__,
            *divergences.__all__, 'get_model_layers', 'fasterai_schedule']

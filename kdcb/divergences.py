@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from .core import *
-from .losses import _f32, _same_classes, _kl_from_logs, chunk_rows, chunked_mean, _kept, _rows
+from .chunked import check_ignore_index, chunk_rows, chunked_mean, chunked_rows, kept_positions, kl_from_logs
 
 # %% auto #0
 __all__ = ['check_unit', 'Divergence', 'ReverseKL', 'JSD', 'SkewKL', 'SkewReverseKL', 'TVD', 'ULD']
@@ -21,7 +21,8 @@ def _log_mix(la:Tensor, lb:Tensor, w:float)->Tensor:
     "log(w·e^la + (1 − w)·e^lb), the log of a mixture of two distributions given as log-probabilities"
     if w == 0: return lb
     if w == 1: return la
-    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+    lo = torch.finfo(la.dtype).min # −inf in both would give logaddexp a NaN gradient: the smallest float instead, whose weight is 0
+    return torch.logaddexp((la + math.log(w)).clamp_min(lo), (lb + math.log1p(-w)).clamp_min(lo))
 
 def check_unit(name:str, # the hyper-parameter's name, for the error message
                v:float|Callable, # a number or a schedule of `pct_train`
@@ -42,6 +43,7 @@ class Divergence(ScheduledLoss):
                  chunk_size:int|None=None, # positions per chunk (None: about 2²⁰ values per chunk, see `chunk_rows`)
                 ):
         super().__init__(); store_attr(); check_positive('T', T); chunk_rows(1, chunk_size)
+        check_ignore_index(ignore_index, type(self).__name__)
 
     def per_position(self, ls:Tensor, # the student's log-probabilities at temperature T (n, V)
                      lt:Tensor, # the teacher's (n, V)
@@ -60,7 +62,7 @@ class Divergence(ScheduledLoss):
 @register_loss
 class ReverseKL(Divergence):
     "Reverse KL, KL(σ(z_s/T) ‖ σ(z_t/T))·T²: mode-seeking, the student concentrates on what the teacher finds likely"
-    def per_position(self, ls:Tensor, lt:Tensor)->Tensor: return _kl_from_logs(ls, lt)
+    def per_position(self, ls:Tensor, lt:Tensor)->Tensor: return kl_from_logs(ls, lt)
 
 # %% ../nbs/13_divergences.ipynb #adf85a4c
 @register_loss
@@ -75,10 +77,10 @@ class JSD(Divergence):
 
     def hyper(self)->dict: return dict(beta=float(self.now(self.beta)))
     def per_position(self, ls:Tensor, lt:Tensor, beta:float)->Tensor:
-        if beta == 0: return _kl_from_logs(lt, ls) # the two ends exactly, as TRL (the mixture formula tends to 0 there)
-        if beta == 1: return _kl_from_logs(ls, lt)
+        if beta == 0: return kl_from_logs(lt, ls) # the two ends exactly, as TRL (the mixture formula tends to 0 there)
+        if beta == 1: return kl_from_logs(ls, lt)
         lm = _log_mix(lt, ls, beta)
-        return beta * _kl_from_logs(lt, lm) + (1 - beta) * _kl_from_logs(ls, lm)
+        return beta * kl_from_logs(lt, lm) + (1 - beta) * kl_from_logs(ls, lm)
 
 # %% ../nbs/13_divergences.ipynb #88a8df97
 @register_loss
@@ -92,13 +94,13 @@ class SkewKL(Divergence):
         super().__init__(T, ignore_index, chunk_size); self.alpha = check_unit('alpha', alpha, high_open=True)
 
     def hyper(self)->dict: return dict(alpha=float(self.now(self.alpha)))
-    def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return _kl_from_logs(lt, _log_mix(lt, ls, alpha))
+    def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return kl_from_logs(lt, _log_mix(lt, ls, alpha))
 
 # %% ../nbs/13_divergences.ipynb #c38fa191
 @register_loss
 class SkewReverseKL(SkewKL):
     "DistiLLM (Ko et al. 2024) skew reverse KL: KL(p_s ‖ α·p_s + (1 − α)·p_t)·T², reverse KL with the teacher's side smoothed"
-    def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return _kl_from_logs(ls, _log_mix(ls, lt, alpha))
+    def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return kl_from_logs(ls, _log_mix(ls, lt, alpha))
 
 # %% ../nbs/13_divergences.ipynb #73bbd322
 @register_loss
@@ -136,6 +138,7 @@ class ULD(ScheduledLoss):
                  chunk_size:int|None=None, # positions per chunk (see `chunk_rows`)
                 ):
         super().__init__(); store_attr(); check_positive('T_student', T_student); check_positive('T_teacher', T_teacher)
+        check_ignore_index(ignore_index, 'ULD'); chunk_rows(1, chunk_size)
 
     def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None,
                 teacher_output=None, # the teacher's raw output: a dict with 'labels' (see `KeywordInputs`) locates its response
@@ -143,7 +146,7 @@ class ULD(ScheduledLoss):
         if pred.ndim != 3 or teacher_pred.ndim != 3: raise ValueError(
             f"ULD compares sequences: logits (B, L, V), got student {tuple(pred.shape)} and teacher {tuple(teacher_pred.shape)}.")
         if len(pred) != len(teacher_pred): raise ValueError(f"{len(pred)} student sequences but {len(teacher_pred)} teacher ones.")
-        mask = _kept(target, pred.shape[:-1], self.ignore_index).to(pred.device)
+        mask = kept_positions(target, pred.shape[:-1], self.ignore_index).to(pred.device)
         lab_t = _teacher_labels(teacher_output, teacher_pred)
         if lab_t is None:
             if teacher_pred.shape[1] != pred.shape[1]: raise ValueError(
@@ -158,6 +161,5 @@ class ULD(ScheduledLoss):
             i_s.append(torch.stack([torch.full_like(rs[:n], b), rs[:n]])); i_t.append(torch.stack([torch.full_like(rt[:n], b), rt[:n]]))
         i_s, i_t = torch.cat(i_s, 1).unbind(), torch.cat(i_t, 1).unbind()
         fn = _uld_rows(self.now(self.T_student), self.now(self.T_teacher))
-        vals = _rows(pred, teacher_pred.detach(), i_s, i_t, fn,
-                     chunk_rows(max(pred.shape[-1], teacher_pred.shape[-1]), self.chunk_size))
+        vals = chunked_rows(fn, pred, teacher_pred, i_s, i_t, self.chunk_size)
         return vals.sum() / max(len(vals), 1)

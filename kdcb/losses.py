@@ -10,17 +10,15 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from .core import *
+from .chunked import upcast, check_ignore_index, check_same_classes, kept_positions, kl_from_logs, chunk_rows, chunked_mean
 
 # %% auto #0
-__all__ = ['masked_mean', 'chunk_rows', 'chunked_mean', 'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'NormalizedKD',
-           'LogitsDistillationLoss', 'mft_target', 'MFTLoss', 'DIST', 'match_spatial', 'attention_map', 'Attention',
-           'FitNet', 'ActivationBoundaries', 'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'AttentionKL',
-           'ValueRelation', 'MGDLoss']
+__all__ = ['masked_mean', 'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'NormalizedKD', 'LogitsDistillationLoss', 'mft_target',
+           'MFTLoss', 'DIST', 'match_spatial', 'attention_map', 'Attention', 'FitNet', 'ActivationBoundaries',
+           'Similarity', 'RKD', 'PKT', 'HiddenStateCosine', 'AttentionKL', 'ValueRelation', 'MGDLoss']
 
 # %% ../nbs/01_losses.ipynb #41d2a082
-def _f32(x:Tensor)->Tensor:
-    "`x` in at least float32: half and bfloat16 are upcast, float64 is kept (for `gradcheck`)"
-    return x if x.dtype == torch.float64 else x.float()
+_f32 = upcast # the name the other modules use
 
 def masked_mean(x:Tensor, # per-position losses, shaped like the logits without their last (class) dimension
                 target:Tensor|None=None, # integer labels of the same shape; other targets do not mask
@@ -34,139 +32,36 @@ def masked_mean(x:Tensor, # per-position losses, shaped like the logits without 
     keep = target != ignore_index
     return torch.where(keep, x, 0.).sum() / keep.sum().clamp_min(1)
 
-# %% ../nbs/01_losses.ipynb #c4a1e0d7
-def _chunks(n:int, size:int)->list[slice]: return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-def _at(x:Tensor, view:tuple|None)->Tensor: return x if view is None else x.as_strided(view[0], view[1], x.storage_offset() + view[2])
-
-def _add_grad(gv:Tensor, s:Tensor, t:Tensor, i_s:tuple, i_t:tuple, fn:Callable, size:int, g:Tensor):
-    "Add the gradient of Σ g·`fn`(rows) with respect to `s` into `gv` (shaped like `s`), recomputing one chunk of rows at a time"
-    for c in _chunks(len(i_s[0]), size):
-        rows = tuple(i[c] for i in i_s)
-        with torch.enable_grad():
-            sc = _f32(s[rows].detach()).requires_grad_()
-            gc, = torch.autograd.grad(fn(sc, _f32(t[tuple(i[c] for i in i_t)])), sc, g[c])
-        gv.index_put_(rows, gc.to(gv.dtype), accumulate=True)
-
-class _Pending:
-    "A chunked loss's gradient, added to the student logits' gradient once every other loss has added its own"
-    def __init__(self, view:tuple, *args): self.view, self.args, self.g, self.handle = view, args, None, None
-    def live(self)->bool: return self.handle is not None
-
-    def __call__(self, grad:Tensor)->Tensor: # a hook on the student's logits: `grad` is their whole gradient
-        if self.g is None: return grad # this backward pass did not go through the loss
-        out = grad.clone(memory_format=torch.contiguous_format) # laid out like the (contiguous) logits
-        _add_grad(_at(out, self.view), *self.args, self.g)
-        self.handle.remove(); self.handle = self.args = self.g = None
-        return out
-
-# %% ../nbs/01_losses.ipynb #bfa1aac8
-class _Chunked(torch.autograd.Function):
-    "`fn` on rows of the student logits (a view of `base`) and of the teacher's, one chunk of rows at a time"
-    @staticmethod
-    def forward(ctx, base:Tensor, t:Tensor, view:tuple, i_s:tuple, i_t:tuple, fn:Callable, size:int, pending:_Pending|None)->Tensor:
-        ctx.save_for_backward(base, t) # references to tensors that exist anyway: nothing is copied
-        ctx.view, ctx.args, ctx.pending = view, (i_s, i_t, fn, size), pending
-        s = _at(base, view)
-        out = [fn(_f32(s[tuple(i[c] for i in i_s)]), _f32(t[tuple(i[c] for i in i_t)])) for c in _chunks(len(i_s[0]), size)]
-        return torch.cat(out) if out else _f32(base.new_zeros(0))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g:Tensor):
-        base, t = ctx.saved_tensors
-        if ctx.pending is not None and ctx.pending.live(): # the hook on `base` adds the gradient: no buffer of our own
-            ctx.pending.g = g
-            grad = torch.zeros((), dtype=base.dtype, device=base.device).expand(base.shape) # takes no memory
-        else:
-            grad = torch.zeros(base.shape, dtype=base.dtype, device=base.device)
-            _add_grad(_at(grad, ctx.view), _at(base, ctx.view), t, *ctx.args, g)
-        return grad, None, None, None, None, None, None, None
-
-def _rows(s:Tensor, t:Tensor, i_s:tuple, i_t:tuple, fn:Callable, size:int)->Tensor:
-    "`fn` on the rows `i_s` of `s` and `i_t` of `t`, in chunks; the gradient is added to that of the tensor `s` is a view of, when it is done"
-    base, view = s._base, None
-    if base is None or not base.is_contiguous(): base = s
-    else: view = (s.shape, s.stride(), s.storage_offset() - base.storage_offset()) # `s` in any tensor laid out like `base`
-    pending = None
-    if torch.is_grad_enabled() and base.requires_grad and base.is_contiguous():
-        pending = _Pending(view, _at(base.detach(), view), t, i_s, i_t, fn, size)
-        pending.handle = base.register_hook(pending)
-    return _Chunked.apply(base, t, view, i_s, i_t, fn, size, pending)
-
-def _kept(target, shape:torch.Size, ignore_index:int)->Tensor:
-    "The mask of positions to keep: those whose integer `target` is not `ignore_index`, or all"
-    if not isinstance(target, Tensor) or target.is_floating_point(): return torch.ones(shape, dtype=torch.bool)
-    if target.shape != shape: raise ValueError(
-        f"target of shape {tuple(target.shape)} does not match the loss positions {tuple(shape)} (the logits' shape "
-        "without the class dimension). Pass integer labels of that shape, or call the loss without a target.")
-    return target != ignore_index
-
-# %% ../nbs/01_losses.ipynb #d7f6baab
-def chunk_rows(n_classes:int, # the vocabulary size V
-               chunk_size:int|None=None, # positions per chunk; None: about 2²⁰ values (4 MiB in float32) per chunk
-              )->int:
-    "How many positions go into one chunk"
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1): raise ValueError(
-        f"chunk_size={chunk_size!r} must be a positive number of positions, or None to choose it from the vocabulary size.")
-    return chunk_size or max(1, 2**20 // max(n_classes, 1))
-
-# %% ../nbs/01_losses.ipynb #72608683
-def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher logit rows (n, V) -> (n,)
-                 pred:Tensor, # student logits (…, V), classes last
-                 teacher_pred:Tensor, # teacher logits (…, V), in any floating dtype (upcast a chunk at a time)
-                 target:Tensor|None=None, # integer labels (…): positions equal to `ignore_index` are left out
-                 ignore_index:int=-100, # label of positions to leave out
-                 chunk_size:int|None=None, # positions per chunk (see `chunk_rows`)
-                )->Tensor: # mean of `fn` over the kept positions; 0, with zero gradient, when none is kept
-    "Mean of `fn` over the kept positions, computed a chunk of positions at a time and recomputed in the backward pass"
-    _same_classes(pred, teacher_pred)
-    keep, size = _kept(target, pred.shape[:-1], ignore_index).to(pred.device), chunk_rows(pred.shape[-1], chunk_size)
-    if keep.numel() <= size: # one chunk holds every position (a classifier's batch): no gather, no device synchronisation
-        k, V = keep[..., None], pred.shape[-1] # masked rows become zeros, so their values (inf, NaN) reach neither value nor gradient
-        s, t = torch.where(k, _f32(pred), 0.).reshape(-1, V), torch.where(k, _f32(teacher_pred.detach()), 0.).reshape(-1, V)
-        return torch.where(keep, fn(s, t).reshape(keep.shape), 0.).sum() / keep.sum().clamp_min(1)
-    idx = keep.nonzero(as_tuple=True)
-    vals = _rows(pred, teacher_pred.detach(), idx, idx, fn, size)
-    return vals.sum() / max(len(vals), 1)
-
 # %% ../nbs/01_losses.ipynb #6da074a4
-def _same_classes(s:Tensor, t:Tensor):
-    "Refuse student and teacher logits of different shapes; different vocabularies are pointed to `ULD`"
-    if s.shape[-1] != t.shape[-1]: raise ValueError(
-        f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape: the student has {s.shape[-1]} "
-        f"classes and the teacher {t.shape[-1]}, but output losses compare the same classes in the same order. For language "
-        "models with different tokenizers (vocabularies) use `ULD` ('uld', in kdcb.divergences), which compares sorted probabilities.")
-    if s.shape != t.shape: raise ValueError(f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} "
-                                            "differ in shape: output losses need the same classes in the same order.")
-
 def _positions(s:Tensor, t:Tensor, T:float=1.)->tuple[Tensor, Tensor]:
     "Student and (detached) teacher logits as float32, divided by `T`; the class dimension stays last"
-    _same_classes(s, t)
+    check_same_classes(s, t)
     return _f32(s)/T, _f32(t.detach())/T
-
-def _kl_from_logs(lt:Tensor, ls:Tensor)->Tensor:
-    "KL(p_t ‖ p_s) over the last dimension, from log-probabilities"
-    return (lt.exp() * (lt - ls)).sum(-1)
 
 def _kl_per_position(s:Tensor, t:Tensor, T:float)->Tensor:
     "KL(σ(t/T) ‖ σ(s/T)) per position, in float32; student and teacher must have the same shape"
     s, t = _positions(s, t, T)
-    return _kl_from_logs(F.log_softmax(t, -1), F.log_softmax(s, -1))
+    return kl_from_logs(F.log_softmax(t, -1), F.log_softmax(s, -1))
 
 @register_loss
 class SoftTarget(ScheduledLoss):
     "Hinton et al. 2015: KL(σ(z_t/T) ‖ σ(z_s/T))·T², averaged over (unmasked) positions"
-    def __init__(self, T:float|Callable=5., # temperature, or a schedule of training progress (fasterai's default 5)
+    def __init__(self, T:float|Callable|None=None, # temperature, or a schedule of training progress; None: 5 for (B, C) classifier logits (fasterai's default), 1 for (B, L, V) sequence logits
                  ignore_index:int=-100, # target value of positions to leave out
                 ):
-        super().__init__(); store_attr(); check_positive('T', T)
+        super().__init__(); store_attr(); check_ignore_index(ignore_index, type(self).__name__)
+        if T is not None: check_positive('T', T)
+
+    def temperature(self, pred:Tensor, # the student logits the loss is called with
+                   )->float: # the temperature of this call
+        "`T` now; by default 1 for (B, L, V) sequence logits and 5 for any other shape"
+        return self.now(self.T) if self.T is not None else 1. if pred.ndim == 3 else 5.
 
     def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None)->Tensor:
-        T = self.now(self.T)
+        T = self.temperature(pred)
         # T² keeps the gradient's magnitude independent of T (Hinton et al., section 2)
         # a chunk of positions at a time (`chunked_mean`): no full-size float32 softmax of either model is held
-        fn = lambda s, t: _kl_from_logs(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1))
+        fn = lambda s, t: kl_from_logs(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1))
         return chunked_mean(fn, pred, teacher_pred, target, self.ignore_index) * T**2
 
 # %% ../nbs/01_losses.ipynb #84066630
@@ -234,9 +129,9 @@ class DecoupledKD(ScheduledLoss):
         T = self.now(self.T)
         s, t = _positions(pred, teacher_pred, T)
         # TCKD: KL between the binary distributions [p_target, p_rest] of teacher and student
-        tckd = _kl_from_logs(_log_binary(F.log_softmax(t, -1), y), _log_binary(F.log_softmax(s, -1), y))
+        tckd = kl_from_logs(_log_binary(F.log_softmax(t, -1), y), _log_binary(F.log_softmax(s, -1), y))
         # NCKD: KL between the distributions over the non-target classes only
-        nckd = _kl_from_logs(_non_target_log_softmax(t, y), _non_target_log_softmax(s, y))
+        nckd = kl_from_logs(_non_target_log_softmax(t, y), _non_target_log_softmax(s, y))
         loss = self.now(self.alpha)*tckd + self.now(self.beta)*nckd
         return masked_mean(loss, target, self.ignore_index) * T**2
 

@@ -14,7 +14,7 @@ EVENTS = {e for e in dir(event) if not e.startswith('_')} # fastai calls these; 
 #   except fastai's callback events (`before_fit`, `after_batch`...) and `forward`/`extra_repr` of an `nn.Module`: the
 #   class's `show_doc` and the prose after it say what calling the module does.
 
-def library_notebooks(path:Path=NBS)->list: return sorted(p for p in path.glob('[0-9][0-9]_*.ipynb'))
+def library_notebooks(path:Path=NBS)->list: return sorted(p for p in path.glob('[0-9][0-9]*_*.ipynb'))
 
 def _cells(nb:dict)->list: return [''.join(c['source']) if isinstance(c['source'], list) else c['source'] for c in nb['cells'] if c['cell_type'] == 'code']
 
