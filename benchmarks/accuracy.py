@@ -3,10 +3,10 @@
 Run: python benchmarks/accuracy.py [--seeds 3] [--epochs 40] [--digits-epochs 30] [--datasets mnist1d,digits] [--weight 0.5]
      python benchmarks/accuracy.py --sweep [--datasets mnist1d] [--temperatures 1,2,4] [--weights 0.5,0.9]
      python benchmarks/accuracy.py --ablation attention,rkd,soft_target [--datasets mnist1d]  # every subset of the losses
-Both data sets use the demo's recipe (`kdcb.demo`): function matching (the teacher labels the same randomly augmented
+Both data sets use the demo's recipe (`kdcb.demo`, trained by `compare_distillation`): function matching (the teacher labels the same randomly augmented
 batch the student sees), one-cycle training, the same epochs, seeds and schedule for every row; teacher trained once.
 Prints the environment and markdown tables: final validation accuracy, mean ± std over seeds, and the change from scratch."""
-import argparse, itertools, platform, statistics, time
+import argparse, contextlib, io, itertools, platform, statistics, time
 import torch
 from torch import nn
 import fastai, sklearn
@@ -14,7 +14,25 @@ from sklearn.datasets import load_digits
 from fastai.torch_core import set_seed
 from kdcb.all import *
 from kdcb.data import tensor_dls
-from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params, train, parse_loss
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from kdcb.distill import LossTerm
+from kdcb.examples import mnist1d, ShiftNoise, cnn1d, n_params
+from kdcb.demo import parse_loss
+
+
+def train(dls, model, epochs, lr, teacher=None, losses=None, weight=0.5, aug=None, bar=False, seed=0, student_layers=None, teacher_layers=None):
+    "`model` (already built) trained by `compare_distillation` from `seed`, distilling `teacher` with `losses` if given: its `RunHistory`"
+    if losses:
+        feat = any(LossTerm(l).sources & {'fm_s', 'fm_t'} for l in losses)
+        if feat and student_layers is None: student_layers = 'auto'
+        if not feat: student_layers = teacher_layers = None
+    cbs = (lambda: KnowledgeDistillationCallback(teacher, losses, student_layers, teacher_layers, weight=weight)) if losses else None
+    with contextlib.nullcontext() if bar else contextlib.redirect_stdout(io.StringIO()): # its line per run would split the tables
+        c = compare_distillation(lambda: Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=aug), {'run': cbs},
+                                 [seed], epochs, baseline='run', bar=bar, lr_max=lr)
+    return c.histories['run'][0]
 
 OUTPUT_LOSSES = ['soft_target', 'logits', 'mutual', 'decoupled_kd', 'decoupled_kd beta=2', 'normalized_kd', 'logits_distillation_loss', 'mft_loss', 'dist']
 WEIGHTS = {'logits': 0.1}  # a pure MSE starts far larger than a cross entropy (see the losses notebook); every other loss `--weight`
@@ -53,7 +71,7 @@ def run_rows(name, s, seeds, epochs, T, specs, a):
     teacher = s['teacher']()
     tlog = train(dls, teacher, epochs, s['lr'], aug=s['aug'](), bar=bar, seed=0)
     n_s = n_params(s['student']())
-    print(f"\n### {name}: teacher {n_params(teacher):,} params, {100 * tlog.accs[-1]:.1f}%; student {n_s:,} params; "
+    print(f"\n### {name}: teacher {n_params(teacher):,} params, {100 * tlog.final('accuracy'):.1f}%; student {n_s:,} params; "
           f"{len(dls.train.dataset)} training / {len(dls.valid.dataset)} validation samples, {epochs} epochs, "
           f"seeds {list(seeds)}, T={T:g} for soft_target and decoupled_kd, other losses at their defaults\n", flush=True)
     print('| loss | weight | accuracy (%) | vs scratch | s / epoch |\n|---|---|---|---|---|', flush=True)
@@ -72,7 +90,7 @@ def run_rows(name, s, seeds, epochs, T, specs, a):
             elif spec == 'decoupled_kd beta=2': losses = parse_loss('decoupled_kd', T, {'decoupled_kd': dict(beta=2.)})  # the demo's
             else: losses = parse_loss(spec, T, options={})  # registered defaults
             log = train(dls, student, epochs, s['lr'], teacher, losses, weight, s['aug'](), bar, seed=seed, **kw)
-            accs.append(100 * log.accs[-1]); times += log.times
+            accs.append(100 * log.final('accuracy')); times += log.times
         m, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.
         if base is None: base = m
         w = '—' if spec == 'scratch' else '+'.join(f'{x:g}' for x in weight) if isinstance(weight, list) else f'{weight:g}'
@@ -90,10 +108,10 @@ def sweep(name, s, seeds, epochs, temps, weights, bar):
         a = []
         for seed in seeds:
             set_seed(seed)
-            a.append(100 * train(dls, s['student'](), epochs, s['lr'], teacher, losses, w, s['aug'](), bar, seed=seed).accs[-1])
+            a.append(100 * train(dls, s['student'](), epochs, s['lr'], teacher, losses, w, s['aug'](), bar, seed=seed).final('accuracy'))
         return statistics.mean(a), statistics.stdev(a) if len(a) > 1 else 0.
     m, sd = acc()
-    print(f"\n### soft_target sweep on {name}: teacher {100 * tlog.accs[-1]:.1f}%, scratch {m:.1f} ± {sd:.1f}; "
+    print(f"\n### soft_target sweep on {name}: teacher {100 * tlog.final('accuracy'):.1f}%, scratch {m:.1f} ± {sd:.1f}; "
           f"{epochs} epochs, seeds {list(seeds)}; rows temperature T, columns total distillation weight\n", flush=True)
     print('| T | ' + ' | '.join(f'w={w:g}' for w in weights) + ' |\n|---|' + '---|' * len(weights), flush=True)
     for T in temps:

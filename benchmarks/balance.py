@@ -259,7 +259,7 @@ def part_ablation(a, x, y):
 def part_overhead(a):
     "Process CPU time per training step of each weight scheme and contrastive loss, interleaved rounds, medians"
     from kdcb.contrastive import InfoNCE, CRD
-    from kdcb.demo import mnist1d, cnn1d
+    from kdcb.examples import mnist1d, cnn1d
     x, y, _, _ = mnist1d(1024)
     set_seed(0)
     teacher, student = cnn1d(80).eval(), cnn1d(11)

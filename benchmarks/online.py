@@ -25,7 +25,7 @@ import fastai.callback.progress, fastai.callback.schedule
 from kdcb.callback import KnowledgeDistillationCallback
 from kdcb.losses import SoftTarget
 from kdcb.data import tensor_dls
-from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params
+from kdcb.examples import mnist1d, ShiftNoise, cnn1d, n_params
 from kdcb.online import EMATeacher, MutualLearning, DeepSupervision, born_again, teacher_chain
 
 

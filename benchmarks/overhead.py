@@ -33,7 +33,7 @@ from fastai.callback.core import Callback
 import fastai.callback.progress, fastai.callback.fp16
 from kdcb.all import *
 from kdcb.data import tensor_dls
-from kdcb.demo import mnist1d, n_params
+from kdcb.examples import mnist1d, n_params
 
 VARIANTS = ('plain', 'teacher', 'by_hand', 'soft_target', 'attention') # --losses and --fasterai change it
 STAGES = ['s1', 's2', 's3', 's4']

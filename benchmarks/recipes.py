@@ -54,7 +54,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from kdcb.all import *
 from kdcb.data import tensor_dls, UNLABELLED, add_unlabelled, LabelledOnly
-from kdcb.demo import mnist1d, ShiftNoise, cnn1d, n_params
+from kdcb.examples import mnist1d, ShiftNoise, cnn1d, n_params
 
 # the question of issue 15 and the hypotheses about it, at 60 epochs: temperature, learning rate (the optimisation budget),
 # unlabelled data at the same number of steps and with four times as many ("patient"), and scratch given those steps too

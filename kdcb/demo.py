@@ -4,91 +4,25 @@
 
 # %% ../nbs/08_demo.ipynb #2a733d48
 from __future__ import annotations
-import argparse, random, statistics, sys, time, warnings
-from typing import Callable
+import argparse, sys, time, warnings
 # fastai's own import calls `torch.jit.script`, which torch deprecates: nothing a demo user can act on
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from pathlib import Path
 import torch
-from torch import nn, Tensor
-from torch.utils.data import TensorDataset
-from fastai.callback.core import Callback
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.torch_core import default_device, set_seed
-import fastai.callback.progress, fastai.callback.schedule # Learner.no_bar, Learner.fit_one_cycle
-from fastcore.basics import store_attr
 from .core import available_losses, get_loss
 from .distill import LossTerm
 from .losses import SoftTarget, DecoupledKD
 from .callback import KnowledgeDistillationCallback
-from .data import TensorDL, tensor_dls, add_unlabelled, LabelledOnly, UNLABELLED
+from .data import tensor_dls, add_unlabelled, LabelledOnly, UNLABELLED
+from .examples import mnist1d, ShiftNoise, cnn1d, n_params
+from .compare import compare_distillation, Comparison, Run
 
 # %% auto #0
-__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'TEACHER_WIDTH', 'STUDENT_WIDTH', 'BS', 'mnist1d', 'ShiftNoise', 'cnn1d', 'n_params',
-           'EpochLog', 'parse_loss', 'train', 'summarise', 'markdown_table', 'plot_change', 'get_parser', 'run_demo',
-           'main']
-
-# %% ../nbs/08_demo.ipynb #58383242
-def mnist1d(n_train:int=4000, # training signals (the default split of MNIST-1D)
-            n_valid:int=1000, # held-out signals
-            seed:int=42, # seed of the generator (MNIST-1D's default)
-           )->tuple[Tensor, Tensor, Tensor, Tensor]: # x_train (n_train, 40), y_train, x_valid, y_valid
-    "MNIST-1D (Greydanus 2020) built locally by its generator: no download"
-    from mnist1d.data import make_dataset, get_dataset_args
-    args = get_dataset_args()
-    n = n_train + n_valid
-    args.num_samples, args.train_split, args.seed = -(-n // 10) * 10, 1., seed # the generator makes whole tens, one per class
-    d = make_dataset(args)
-    x, y = torch.tensor(d['x'], dtype=torch.float32), torch.tensor(d['y'], dtype=torch.long)
-    return x[:n_train], y[:n_train], x[n_train:n], y[n_train:n]
-
-# %% ../nbs/08_demo.ipynb #26d86811
-class ShiftNoise(Callback):
-    "Function matching: random circular shifts and gaussian noise on each training batch, before student and teacher see it"
-    order,run_valid = 1,False # before KnowledgeDistillationCallback (5), so the teacher labels the same augmented view
-    def __init__(self, max_shift:int=5, # shift every signal by up to this many steps, left or right, wrapping around
-                 noise:float=0.1, # standard deviation of the added gaussian noise
-                ): store_attr()
-    def before_batch(self):
-        x = self.xb[0]
-        n = x.shape[-1]
-        s = torch.randint(-self.max_shift, self.max_shift + 1, (len(x), 1), device=x.device)
-        idx = (torch.arange(n, device=x.device) - s) % n
-        self.learn.xb = (x.gather(-1, idx) + self.noise * torch.randn_like(x),)
-
-# %% ../nbs/08_demo.ipynb #4a1295e0
-def cnn1d(width:int, # channels of the first stage; the last two have twice as many
-          n_classes:int=10,
-         )->nn.Sequential:
-    "A 1-D CNN for (B, L) signals: four conv-BN-ReLU stages at lengths L, L/2, L/4, L/8, global average pool, linear head"
-    def stage(ci, co, stride): return nn.Sequential(nn.Conv1d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm1d(co), nn.ReLU())
-    w = [width, width, 2*width, 2*width]
-    return nn.Sequential(nn.Unflatten(1, (1, -1)), stage(1, w[0], 1), stage(w[0], w[1], 2), stage(w[1], w[2], 2), stage(w[2], w[3], 2),
-                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(w[3], n_classes))
-
-# %% ../nbs/08_demo.ipynb #e29d0e84
-def n_params(m:nn.Module)->int: return sum(p.numel() for p in m.parameters())
-
-# %% ../nbs/08_demo.ipynb #23b6c2ee
-class EpochLog(Callback):
-    "Records per epoch the validation accuracy, the optimizer steps so far and the wall time, per batch the distillation weight; prints a line per epoch when given a `label`"
-    order = 51 # after `Recorder` (50) has written the epoch's metrics
-    def __init__(self, label:str|None=None): self.label = label # start of the line printed after every epoch (None: print nothing)
-    def before_fit(self): self.accs, self.steps, self.times, self.weights = [], [], [], []
-    def before_epoch(self): self.t0 = time.perf_counter()
-    def before_batch(self):
-        kd, p = getattr(self.learn, 'knowledge_distillation', None), self.pct_train
-        if self.training and kd is not None: self.weights.append((p, sum(kd.kd_loss.current))) # as the callback just evaluated them
-    def after_epoch(self):
-        self.times.append(time.perf_counter() - self.t0)
-        self.steps.append(self.train_iter)
-        self.accs.append(float(self.recorder.final_record[self.recorder.metric_names.index('accuracy') - 1]))
-        if self.label is not None: print(f"{self.label} epoch {self.epoch + 1}/{self.n_epoch}, step {self.train_iter}: "
-                                         f"validation accuracy {100 * self.accs[-1]:.1f}% ({self.times[-1]:.1f} s)", flush=True)
+__all__ = ['LOSS_OPTIONS', 'DEFAULT_LOSSES', 'TEACHER_WIDTH', 'STUDENT_WIDTH', 'BS', 'parse_loss', 'markdown_table', 'demo_rows',
+           'get_parser', 'run_demo', 'main']
 
 # %% ../nbs/08_demo.ipynb #67130da0
 LOSS_OPTIONS = {'decoupled_kd': dict(beta=2.)} # the demo's settings that differ from a loss's defaults (see below)
@@ -105,93 +39,27 @@ def parse_loss(spec:str, # a registered name, or names joined by '+' (e.g. 'atte
         for k, v in (LOSS_OPTIONS if options is None else options).get(n, {}).items(): setattr(l, k, v)
     return losses
 
-# %% ../nbs/08_demo.ipynb #b2053631
-def train(dls:DataLoaders, # training and validation data
-          model:nn.Module, # the network to train
-          epochs:int, # epochs of one-cycle training
-          lr:float=1e-2, # peak learning rate
-          teacher:nn.Module|None=None, # distil this teacher into `model` when `losses` are given
-          losses:list|None=None, # distillation losses (`parse_loss`)
-          weight:float|list=0.5, # total distillation weight (split evenly between the losses), or one per loss
-          aug:Callback|None=None, # batch augmentation, seen by the teacher and the student alike
-          bar:bool=True, # show fastai's progress bars (never with `label`)
-          student_layers:list[str]|None=None, # layers for feature losses; default: matched ('auto')
-          teacher_layers:list[str]|None=None, # the teacher layers paired with `student_layers`
-          seed:int|None=None, # seed the batch order and the augmentation (python, numpy and torch generators)
-          loss_func:Callable|None=None, # the task loss (default `CrossEntropyLossFlat()`; `LabelledOnly()` with unlabelled items)
-          label:str|None=None, # print one line per epoch, starting with this, instead of progress bars
-         )->EpochLog: # validation accuracy, steps and time of each epoch, distillation weight of each batch
-    "Train `model` with fastai's `fit_one_cycle`, from the labels alone or distilling `teacher` with `losses`"
-    if seed is not None:
-        set_seed(seed)
-        dls.train.rng = random.Random(seed) # fastai's DataLoader shuffles with its own generator, drawn when it was made
-    log = EpochLog(label)
-    cbs = [log] + ([aug] if aug is not None else [])
-    if losses:
-        feat = any(LossTerm(l).sources & {'fm_s', 'fm_t'} for l in losses)
-        if feat and student_layers is None: student_layers = 'auto'
-        if not feat: student_layers = teacher_layers = None
-        cbs.append(KnowledgeDistillationCallback(teacher, losses, student_layers, teacher_layers, weight=weight))
-    learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs)
-    with learn.no_logging():
-        if bar and label is None: learn.fit_one_cycle(epochs, lr)
-        else:
-            with learn.no_bar(): learn.fit_one_cycle(epochs, lr)
-    return log
-
-# %% ../nbs/08_demo.ipynb #9a100c04
-def summarise(name:str, # the row's label
-              logs:list[EpochLog], # one per seed
-              params:int, # the model's parameter count
-              data:str='', # what it learnt from (e.g. '300 + 7,700 unlabelled')
-              scratch:list[EpochLog]|None=None, # the scratch runs of the same seeds, in the same order, to compare with
-             )->dict: # name, data, steps, acc and std (%), change and change_std (points, None without `scratch`), params, logs
-    "One table row: final validation accuracy as mean ± std over seeds, and its change from `scratch` paired by seed"
-    accs = [100 * l.accs[-1] for l in logs]
-    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0. # one run has no spread
-    d = [a - 100 * s.accs[-1] for a, s in zip(accs, scratch, strict=True)] if scratch else None
-    return dict(name=name, data=data, steps=logs[0].steps[-1], acc=statistics.mean(accs), std=sd(accs),
-                change=statistics.mean(d) if d else None, change_std=sd(d) if d else None, params=params, logs=logs)
-
 # %% ../nbs/08_demo.ipynb #19d9c099
 def markdown_table(rows:list[dict])->str:
     "The rows as a markdown table"
     lines = ['| model | labelled signals | optimizer steps | accuracy (%) | vs scratch (points) | parameters |', '|---|---|---|---|---|---|']
     pm = lambda m, s, n, f: f"{m:{f}}" + (f" ± {s:.1f}" if n > 1 else '')
     for r in rows:
-        n = len(r['logs'])
+        n = len(r['values'])
         change = '' if r['change'] is None else pm(r['change'], r['change_std'], n, '+.1f')
         lines.append(f"| {r['name']} | {r['data']} | {r['steps']:,} | {pm(r['acc'], r['std'], n, '.1f')} | {change} | {r['params']:,} |")
     return '\n'.join(lines)
 
-# %% ../nbs/08_demo.ipynb #7b145d45
-def plot_change(rows:list[dict], # rows from `summarise`, with their logs; the teacher's as a line
-                scratch:list[EpochLog], # the scratch runs, one per seed, in the rows' seed order
-                fname:Path, # where to write the PNG
-               ):
-    "Each student's validation accuracy over optimizer steps less the final accuracy of scratch of the same seed: mean ± std over seeds"
-    from matplotlib.figure import Figure # no pyplot: no global state, no display backend
-    base = torch.tensor([100 * l.accs[-1] for l in scratch])
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    ax.axhline(0, color='grey', lw=.8)
-    finals = []
-    for i, r in enumerate(rows):
-        if len(r['logs']) != len(scratch): # the teacher: one run on its own data
-            ax.axhline(r['acc'] - base.mean(), color='k', ls='--', lw=1, label=f"{r['name']} ({r['acc']:.1f}%)")
-            continue
-        d = torch.tensor([l.accs for l in r['logs']]) * 100 - base[:, None]
-        m, s = d.mean(0), d.std(0) if len(d) > 1 else torch.zeros(d.shape[1])
-        steps = r['logs'][0].steps
-        ax.plot(steps, m, f'C{i}', label=f"{r['name']} ({m[-1]:+.1f})")
-        ax.fill_between(steps, m - s, m + s, color=f'C{i}', alpha=.2, lw=0)
-        finals.append(float(m[-1] - s[-1]))
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(max(lo, min(finals + [0]) - 12), hi) # the first epochs of every run start far below: show the end
-    ax.set(xlabel='optimizer steps', ylabel='change in validation accuracy (points)',
-           title=f"MNIST-1D: change against scratch's final {base.mean():.1f}% (mean ± std over {len(base)} seeds)")
-    ax.legend(loc='lower right'); ax.grid(alpha=.3)
-    fig.tight_layout(); fig.savefig(fname, dpi=100)
+# %% ../nbs/08_demo.ipynb #5cf990fe
+def demo_rows(comp:Comparison, # what `compare_distillation` trained
+              data:dict[str, str], # per row, what it learnt from (e.g. '300 + 7,700 unlabelled')
+              params:int, # the model's parameter count
+             )->list[dict]: # name, data, steps, acc and std (%), change and change_std (points, None for the baseline), params, values, changes
+    "The table's rows: validation accuracy in %, its change from the baseline in points, paired by seed"
+    pc = lambda v: None if v is None else 100 * v
+    return [dict(name=r['name'], data=data[r['name']], steps=r['steps'], acc=pc(r['mean']), std=pc(r['std']), change=pc(r['change']),
+                 change_std=pc(r['change_std']), params=params, values=[pc(v) for v in r['values']],
+                 changes=None if r['changes'] is None else [pc(v) for v in r['changes']]) for r in comp.summary('accuracy')]
 
 # %% ../nbs/08_demo.ipynb #b26aa902
 DEFAULT_LOSSES = 'soft_target,decoupled_kd,attention+soft_target' # with --same-data
@@ -247,19 +115,19 @@ def _check(p, a)->list[str]: # the loss specs; fills in the defaults that depend
 # %% ../nbs/08_demo.ipynb #2061f226
 def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
             )->list[dict]: # the table's rows: teacher, scratch, longer scratch, then one per distillation loss
-    "Train a teacher, the student from scratch and distilled with each loss; print the table, write the picture"
+    "Train a teacher, the student from scratch and distilled with each loss with `compare_distillation`; print the table, write the picture"
     wall, cpu = time.perf_counter(), time.process_time()
     p = get_parser()
     a = p.parse_args(argv)
     specs = _check(p, a)
     torch.set_num_threads(a.threads) # small convolutions gain nothing from more threads, and suffer on a busy machine
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    lines = a.no_bar or not sys.stdout.isatty() # progress bars redraw the line: a file or a pipe gets one line per epoch
+    bar = not a.no_bar and sys.stdout.isatty() # progress bars redraw the line: a file or a pipe gets one line per run
     N = a.n_train
     n = N if a.same_data else a.labelled
     x, y, xv, yv = mnist1d(N)
     params = n_params(cnn1d(STUDENT_WIDTH))
-    seeds = range(a.seed, a.seed + a.seeds)
+    seeds = list(range(a.seed, a.seed + a.seeds))
     distilled = 'labels of all of them' if a.same_data else f"their {n:,} labels and the other {N - n:,} signals unlabelled (`LabelledOnly`)"
     print(f"MNIST-1D, built locally: {N:,} training and {len(xv):,} validation signals; every batch randomly shifted and noised, "
           f"the same view for teacher and student.\nTeacher: cnn1d({TEACHER_WIDTH}), {n_params(cnn1d(TEACHER_WIDTH)):,} parameters, "
@@ -267,33 +135,33 @@ def run_demo(argv:list[str]|None=None, # command-line arguments (default: `sys.a
           f"{n:,} signals, seed{f's {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else f' {seeds[0]}'}; scratch {a.epochs}"
           f"{f' and {a.long * a.epochs}' if a.long > 1 else ''} epochs, distilled {a.epochs} "
           f"epochs from {distilled}, T={a.temperature:g}, weight {a.weight:g}.", flush=True)
-    def fit(name, seed, dls, epochs, model, **kw):
-        if not lines: print(f"{name}, seed {seed}", flush=True) # the bars do not say which run they show
-        return train(dls, model, epochs, aug=ShiftNoise(), bar=not lines, label=f"{name}, seed {seed}," if lines else None, seed=seed, **kw)
-    set_seed(a.seed)
-    teacher = cnn1d(TEACHER_WIDTH)
-    rows = [summarise('teacher', [fit('teacher', a.seed, tensor_dls(x, y, xv, yv, BS), a.teacher_epochs, teacher)], n_params(teacher), f"{N:,}")]
+    def learner(dls, width, loss_func=None): # every run one-cycle at 1e-2, every batch shifted and noised
+        return lambda: Learner(dls, cnn1d(width), loss_func=loss_func or CrossEntropyLossFlat(), metrics=accuracy, cbs=ShiftNoise())
+    tc = compare_distillation(learner(tensor_dls(x, y, xv, yv, BS), TEACHER_WIDTH), {'teacher': None}, [a.seed], a.teacher_epochs, bar=bar, lr_max=1e-2)
+    teacher = tc.learners['teacher'].model
     # an epoch is N signals for every student, so that all make the same steps per epoch: scratch sees its labelled ones repeated
     keep = torch.arange(N) % n
     scratch_dls = tensor_dls(x[keep], y[keep], xv, yv, BS)
     distil_dls = scratch_dls if a.same_data else tensor_dls(*add_unlabelled(x[:n], y[:n], x[n:]), xv, yv, BS)
-    def student(name, epochs, spec=None, scratch=None):
-        logs = []
-        for s in seeds: # seed `s` gives the same initial student, batch order and augmentation in every row
-            set_seed(s)
-            model, losses = cnn1d(STUDENT_WIDTH), parse_loss(spec, a.temperature) if spec else None
-            for l in (losses or []): # labelled losses leave the unlabelled items out
-                if isinstance(l, DecoupledKD): l.ignore_index = UNLABELLED
-            kw = dict(teacher=teacher, losses=losses, weight=a.weight, loss_func=None if a.same_data else LabelledOnly()) if spec else {}
-            logs.append(fit(name, s, distil_dls if spec else scratch_dls, epochs, model, **kw))
-        data = f"{n:,}" if a.same_data or not spec else f"{n:,} + {N - n:,} unlabelled"
-        return summarise(name, logs, params, data, scratch)
-    rows.append(student('student, scratch', a.epochs))
-    scratch = rows[-1]['logs']
-    if a.long > 1: rows.append(student(f'student, scratch, {a.long}x steps', a.long * a.epochs, scratch=scratch))
-    for s in specs: rows.append(student(f'student, {s}' + ('' if a.same_data else ' + unlabelled'), a.epochs, s, scratch))
+    def distil(spec): # a fresh callback for every seed
+        losses = parse_loss(spec, a.temperature)
+        for l in losses: # labelled losses leave the unlabelled items out
+            if isinstance(l, DecoupledKD): l.ignore_index = UNLABELLED
+        feat = any(LossTerm(l).sources & {'fm_s', 'fm_t'} for l in losses) # feature losses pair the layers by `auto_pairs`
+        return KnowledgeDistillationCallback(teacher, losses, 'auto' if feat else None, weight=a.weight)
+    runs, data = {'student, scratch': None}, {'teacher': f"{N:,}", 'student, scratch': f"{n:,}"}
+    if a.long > 1: runs[f'student, scratch, {a.long}x steps'] = Run(epochs=a.long * a.epochs)
+    for s in specs:
+        runs[f'student, {s}' + ('' if a.same_data else ' + unlabelled')] = Run(
+            lambda s=s: distil(s), learner(distil_dls, STUDENT_WIDTH, None if a.same_data else LabelledOnly()))
+    for r in list(runs)[1:]: data[r] = f"{n:,}" if a.same_data or 'scratch' in r else f"{n:,} + {N - n:,} unlabelled"
+    comp = compare_distillation(learner(scratch_dls, STUDENT_WIDTH), runs, seeds, a.epochs, bar=bar, lr_max=1e-2)
+    rows = demo_rows(tc, data, n_params(teacher)) + demo_rows(comp, data, params)
     table = markdown_table(rows)
-    plot_change(rows, scratch, out/'demo.png')
+    ax = comp.plot('accuracy', scale=100, fmt='.1f', refs={'teacher': tc.values('teacher')[0]}, clip=12,
+                   title=f"MNIST-1D: change against scratch's final {rows[1]['acc']:.1f}% (mean ± std over {len(seeds)} seeds)")
+    ax.set_ylabel('change in validation accuracy (points)'); ax.legend(loc='lower right')
+    ax.figure.tight_layout(); ax.figure.savefig(out/'demo.png', dpi=100)
     (out/'results.md').write_text(table + '\n')
     print(f"\n{table}\n\npicture: {out/'demo.png'}; table: {out/'results.md'}; "
           f"{time.perf_counter() - wall:.0f} s, process CPU time {time.process_time() - cpu:.0f} s")

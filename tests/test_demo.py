@@ -17,11 +17,11 @@ def test_rows_table_and_picture(tmp_path, capsys):
     # every student epoch is 512 items, 4 batches of 128: the distilled students make the steps of the shorter scratch
     assert [r['steps'] for r in rows] == [4, 8, 16, 8, 8]
     assert rows[0]['params'] > 10 * rows[1]['params'] and len({r['params'] for r in rows[1:]}) == 1
-    scratch = [100 * l.accs[-1] for l in rows[1]['logs']]
+    scratch = rows[1]['values']
     for r in rows[2:]:  # the change against scratch is paired by seed
-        d = [100 * l.accs[-1] - s for l, s in zip(r['logs'], scratch)]
+        d = [a - s for a, s in zip(r['values'], scratch)]
         assert r['change'] == pytest.approx(statistics.mean(d)) and r['change_std'] == pytest.approx(statistics.stdev(d))
-    assert rows[0]['change'] is None and rows[1]['change'] is None and len(rows[0]['logs']) == 1
+    assert rows[0]['change'] is None and rows[1]['change'] is None and len(rows[0]['values']) == 1
     out = capsys.readouterr().out
     table = out[out.index(COLUMNS):].split('\n\n')[0].splitlines()
     assert len(table) == 2 + len(rows) and out.count(COLUMNS) == 1  # one table
@@ -31,16 +31,17 @@ def test_rows_table_and_picture(tmp_path, capsys):
     assert (tmp_path / 'demo.png').read_bytes()[:4] == b'\x89PNG'
 
 
-def test_one_line_per_epoch_to_a_file(tmp_path):
-    "To a file, `kdcb-demo` writes one line per epoch of every run, then the table: no progress-bar redraws"
+def test_one_line_per_run_to_a_file(tmp_path):
+    "To a file, `kdcb-demo` writes one line per run (row and seed), then the table: no progress-bar redraws"
     log = tmp_path / 'log'
     with open(log, 'w') as f, contextlib.redirect_stdout(f): main(TINY + ['--out', str(tmp_path)])
     text = log.read_text()
     assert '\r' not in text and '\x1b' not in text
     lines = text.splitlines()
-    epochs = [l for l in lines if re.match(r'.*, seed \d, epoch \d+/\d+, step \d+: validation accuracy \d+\.\d% \(\d+\.\d s\)$', l)]
-    assert len(epochs) == 1 + 2 * (2 + 4 + 2)  # teacher 1 epoch; per seed: scratch 2, longer scratch 4, distilled 2
-    assert epochs[0].startswith('teacher, seed 0, epoch 1/1, step 4:') and epochs[-1].startswith('student, soft_target + unlabelled, seed 1, epoch 2/2, step 8:')
+    epochs = [l for l in lines if re.match(r'.*, seed \d: accuracy \d\.\d{4} after \d+ steps \(\d+\.\d s\)$', l)]
+    assert len(epochs) == 1 + 3 * 2  # the teacher, then scratch, longer scratch and distilled on each of two seeds
+    assert epochs[0].startswith('teacher, seed 0: accuracy') and epochs[-1].startswith('student, soft_target + unlabelled, seed 1: accuracy')
+    assert ' after 16 steps ' in epochs[3]  # the longer scratch
     assert lines[3:3 + len(epochs)] == epochs  # after three lines of settings
     assert lines[3 + len(epochs):] == ['', *(tmp_path / 'results.md').read_text().splitlines(), '', lines[-1]]
     assert lines[-1].startswith(f"picture: {tmp_path / 'demo.png'}; table: ") and 'process CPU time' in lines[-1]
@@ -51,15 +52,15 @@ class FakeTerminal(io.StringIO):
 
 
 def test_bars_on_a_terminal(tmp_path):
-    "On a terminal the runs show progress bars, announced by name, and no epoch lines; --no-bar prints the lines there too"
+    "On a terminal one progress bar runs over each grid, writing a line per run under it; --no-bar prints only the lines"
     out = FakeTerminal()
     with contextlib.redirect_stdout(out): run_demo(TINY + ['--seeds', '1', '--long', '1', '--out', str(tmp_path)])
     text = out.getvalue()
-    assert 'validation accuracy' not in text
-    assert [l for l in text.splitlines() if l.endswith(', seed 0')] == ['teacher, seed 0', 'student, scratch, seed 0', 'student, soft_target + unlabelled, seed 0']
+    assert '\r' in text or '\x1b' in text or '█' in text or '|' in text  # a bar drawn
+    assert [l.split(':')[0] for l in re.findall(r'[\w ,+]+, seed 0: accuracy', text)] == ['teacher, seed 0', 'student, scratch, seed 0', 'student, soft_target + unlabelled, seed 0']
     out = FakeTerminal()
     with contextlib.redirect_stdout(out): run_demo(TINY + ['--seeds', '1', '--long', '1', '--out', str(tmp_path), '--no-bar'])
-    assert out.getvalue().count('validation accuracy') == 1 + 2 + 2
+    assert '\r' not in out.getvalue() and out.getvalue().count(', seed 0: accuracy') == 1 + 2
 
 
 def test_same_data(tmp_path):
@@ -73,9 +74,9 @@ def test_same_data(tmp_path):
 
 def test_seeds_change_students(tmp_path):
     rows = run_demo(TINY + ['--epochs', '1', '--long', '1', '--out', str(tmp_path)])
-    assert [len(r['logs']) for r in rows] == [1, 2, 2]
-    l0, l1 = rows[1]['logs']
-    assert l0.accs != l1.accs  # two seeds, two different students
+    assert [len(r['values']) for r in rows] == [1, 2, 2]
+    a0, a1 = rows[1]['values']
+    assert a0 != a1  # two seeds, two different students
 
 
 def test_help():

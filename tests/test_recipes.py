@@ -3,7 +3,7 @@ import importlib.util, sys
 from pathlib import Path
 import pytest, torch
 from kdcb.all import *
-from kdcb.demo import cnn1d
+from kdcb.examples import cnn1d
 
 _spec = importlib.util.spec_from_file_location('recipes', Path(__file__).parents[1] / 'benchmarks' / 'recipes.py')
 recipes = importlib.util.module_from_spec(_spec); sys.modules['recipes'] = recipes; _spec.loader.exec_module(recipes)

@@ -6,7 +6,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from kdcb.all import *
-from kdcb.demo import cnn1d
+from kdcb.examples import cnn1d
 from kdcb.data import tensor_dls, UNLABELLED, add_unlabelled, LabelledOnly
 from conftest import quiet_fit
 
