@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from sklearn.datasets import load_digits
 import fastai
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
@@ -27,8 +25,7 @@ def main():
     print(f"python {platform.python_version()}, torch {torch.__version__}, fastai {fastai.__version__}, 1 torch thread")
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
-    valid = DataLoader(list(zip(x[1400:], y[1400:])), bs=256)
-    def dls_from(xt, yt, bs=64): return DataLoaders(DataLoader(list(zip(xt, yt)), bs=bs, shuffle=True), valid)
+    def dls_from(xt, yt, bs=64): return tensor_dls(xt, yt, x[1400:], y[1400:], bs=bs, drop_last=False)
     def mlp(width): return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
     def fit(learn, epochs, lr, cbs=None):
         with learn.no_bar(), learn.no_logging():

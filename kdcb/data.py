@@ -4,12 +4,13 @@
 
 # %% ../nbs/06_data.ipynb #b07faed1
 from __future__ import annotations
+import copy
 from typing import Callable
 import torch
 from torch import nn, Tensor
 from torch.utils.data import TensorDataset
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders, Datasets, TfmdDL, test_set
+from fastai.data.transforms import ItemGetter
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import default_device
 from fastcore.basics import store_attr
@@ -18,15 +19,37 @@ from fastcore.basics import store_attr
 __all__ = ['UNLABELLED', 'TensorDL', 'tensor_dls', 'add_unlabelled', 'LabelledOnly']
 
 # %% ../nbs/06_data.ipynb #5268b711
-class TensorDL(DataLoader):
-    "A fastai `DataLoader` over a `TensorDataset` that gathers each batch with one indexing op instead of collating items"
-    def create_item(self, i): return i # the item's index: `create_batch` does the indexing
+class _Tensors(TensorDataset):
+    "A `TensorDataset` that fastai's `export` can empty"
+    def new_empty(self)->Datasets: # no items; one item getter per tensor, the last tensor the target, as `test_set` needs
+        return Datasets([], [[ItemGetter(i)] for i in range(len(self.tensors))], n_inp=max(1, len(self.tensors) - 1),
+                        do_setup=False, types=[tuple, Tensor])
+
+class TensorDL(TfmdDL):
+    "A fastai `TfmdDL` over a `TensorDataset` that gathers each batch with one indexing op instead of collating items"
+    def __init__(self, dataset:TensorDataset, # the tensors, items along their first dimension
+                 num_workers:int=0, # the batches are indexed in the main process
+                 **kwargs): # `bs`, `shuffle`, `drop_last`, `device` and the rest of fastai's `TfmdDL`
+        if not isinstance(dataset, TensorDataset): raise TypeError(
+            f"TensorDL takes a torch `TensorDataset`, got {type(dataset).__name__}; for other items use fastai's `TfmdDL`.")
+        super().__init__(_Tensors(*dataset.tensors), num_workers=num_workers, **kwargs)
+
+    def create_item(self, i): return 0 if i is None else i # the item's index (None: fastai's probe of the first item)
     def create_batch(self, b): return tuple(t[torch.as_tensor(b)] for t in self.dataset.tensors)
 
+    def new(self, dataset=None, # another `TensorDataset` gives a `TensorDL`; other items a fastai `TfmdDL`
+            cls=None, **kwargs)->TfmdDL:
+        "This loader's settings over `dataset`; `predict`'s input items and `export`'s emptied dataset get a fastai `TfmdDL`"
+        if dataset is None or isinstance(dataset, TensorDataset): return super().new(dataset, cls, **kwargs)
+        if not isinstance(dataset, Datasets): dataset = test_set(self.dataset.new_empty(), dataset) # inputs only
+        return super().new(dataset, cls or TfmdDL, **kwargs)
+
 # %% ../nbs/06_data.ipynb #c63450ff
-def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor, bs:int=128)->DataLoaders:
-    "Shuffled training batches of `bs` (last partial batch dropped) and ordered validation batches"
-    return DataLoaders(TensorDL(TensorDataset(x_train, y_train), bs=bs, shuffle=True, drop_last=True),
+def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor, bs:int=128,
+               drop_last:bool=True, # drop the last partial training batch
+              )->DataLoaders:
+    "Shuffled training batches of `bs` and ordered validation batches"
+    return DataLoaders(TensorDL(TensorDataset(x_train, y_train), bs=bs, shuffle=True, drop_last=drop_last),
                        TensorDL(TensorDataset(x_valid, y_valid), bs=512), device=default_device())
 
 # %% ../nbs/06_data.ipynb #ebf684f4
@@ -79,3 +102,11 @@ class LabelledOnly(nn.Module):
     # fastai calls these for `get_preds(with_decoded=True)` and `predict`
     def activation(self, x): return getattr(self.loss_func, 'activation', lambda o: o)(x)
     def decodes(self, x): return getattr(self.loss_func, 'decodes', lambda o: o)(x)
+
+    # pickled (fastai's `export`, `torch.save` of a learner), it is the task loss it wraps: the exported learner loads
+    # without kdcb and predicts the same; copies in memory stay `LabelledOnly`
+    def __reduce__(self): return copy.copy, (self.loss_func,) # unpickled: a copy of the wrapped loss, by stdlib's `copy`
+    def __copy__(self): res = type(self).__new__(type(self)); res.__dict__.update(self.__dict__); return res
+    def __deepcopy__(self, memo):
+        res = memo[id(self)] = type(self).__new__(type(self))
+        res.__dict__.update(copy.deepcopy(self.__dict__, memo)); return res

@@ -6,7 +6,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def test_quick_start_runs(capsys):
+def test_quick_start_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quick start exports to the working directory; tests/test_exports.py loads that file
     readme = (ROOT / 'README.md').read_text()
     quick = readme[readme.index('## Quick start'):readme.index('## Tutorials')]
     blocks = re.findall(r'```python\n(.*?)```', quick, re.S)
@@ -16,6 +17,7 @@ def test_quick_start_runs(capsys):
     student, kd = env['student'], env['kd']
     assert list(student.recorder.metric_names)[-3:] == ['task_loss', 'soft_target', 'time']
     assert student.recorder.values[-1][2] > 0.5  # learned something (chance is 0.1); the benchmark measures how much
+    assert (tmp_path / 'student.pkl').stat().st_size > 0
 
 
 def test_front_door_is_short():
