@@ -13,7 +13,7 @@ from fastcore.foundation import L
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['ScheduledLoss', 'check_positive', 'register_loss', 'available_losses', 'get_loss', 'get_module', 'first_float',
+__all__ = ['ScheduledLoss', 'check_positive', 'available_losses', 'register_loss', 'get_loss', 'get_module', 'first_float',
            'plain', 'output_tensor', 'model_inputs', 'EvalMode', 'batch_inputs', 'snapshot', 'load_snapshot']
 
 # %% ../nbs/00_core.ipynb #8159c67c
@@ -35,11 +35,16 @@ def check_positive(name:str, # the hyper-parameter's name, for the error message
     if bad: raise ValueError(f"{name}={v!r} must be > 0{' at every pct_train' if callable(v) else ''} (got {float(bad[0])!r}).")
     return v
 
-# %% ../nbs/00_core.ipynb #c0c3fba6
+# %% ../nbs/00_core.ipynb #ec5d58ac
 _LOSSES: dict[str, Callable] = {}
 
 def _key(name:str)->str: return camel2snake(name).replace('-', '_').lower()
 
+def available_losses()->list[str]: # the registered loss names, sorted
+    "Names of all registered losses"
+    return sorted(_LOSSES)
+
+# %% ../nbs/00_core.ipynb #c0c3fba6
 def register_loss(loss:Callable|str|None=None, # the loss class or function, or the name to register it under
                  )->Callable:
     "Decorator that registers a loss class or function, as `@register_loss` or `@register_loss('name')`"
@@ -52,11 +57,6 @@ def register_loss(loss:Callable|str|None=None, # the loss class or function, or 
         return f
     if callable(loss): return _reg(loss)
     return lambda f: _reg(f, loss)
-
-# %% ../nbs/00_core.ipynb #ec5d58ac
-def available_losses()->list[str]: # the registered loss names, sorted
-    "Names of all registered losses"
-    return sorted(_LOSSES)
 
 # %% ../nbs/00_core.ipynb #ce1cefd2
 def get_loss(name:str)->Callable: # a loss instance (for a registered class) or the registered function
