@@ -314,3 +314,56 @@ def test_teacher_runs_on_plain_tensors(dls):
     learn = Learner(dls, mlp(), loss_func=CrossEntropyLossFlat())
     quiet_fit(learn, 1, cbs=[Wrap(), KnowledgeDistillationCallback(teacher, 'soft_target')])
     assert seen and set(seen) == {torch.Tensor}
+
+
+def test_the_teachers_output_is_freed_before_the_backward_pass(dls):
+    "The teacher's logits do not count towards the backward pass's memory: nothing holds them once the losses have run"
+    import weakref
+    refs = []
+    class Teacher(nn.Module):
+        def __init__(self): super().__init__(); self.net = mlp(h=32)
+        def forward(self, x):
+            out = self.net(x) * 1. # a tensor of the teacher's own, as a model returns
+            refs.append(weakref.ref(out)); return out
+    seen = []
+    class AtBackward(Callback):
+        order = 7 # after the distillation callback and GradientAccumulation
+        def before_backward(self): seen.append((kd.teacher_pred, refs[-1]()))
+    kd = KnowledgeDistillationCallback(Teacher(), ['soft_target', 'logits'], weight=[.3, .2])
+    quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=[kd, AtBackward()])
+    assert len(seen) == len(dls.train) and all(p is None and r is None for p, r in seen)
+
+
+def test_the_current_weights_are_public(dls):
+    "`current_weights` (each loss's) and `current_weight` (their sum) follow the schedule, as fasterai's `current_weight` does"
+    from fastai.callback.schedule import SchedLin
+    import kdcb.fasterai
+    seen = []
+    class Read(Callback):
+        order = 6
+        def after_loss(self):
+            if self.training: seen.append((self.pct_train, kd.current_weights, kd.current_weight))
+    kd = KnowledgeDistillationCallback(mlp(h=32), ['soft_target', 'logits'], weight=SchedLin(0., .6))
+    quiet_fit(Learner(dls, mlp(), loss_func=CrossEntropyLossFlat()), 1, cbs=[kd, Read()])
+    for pct, ws, w in seen:
+        assert ws == pytest.approx([0.3 * pct, 0.3 * pct]) and w == pytest.approx(0.6 * pct)
+    fk = kdcb.fasterai.KnowledgeDistillationCallback(mlp(h=32), kdcb.fasterai.SoftTarget, weight=0.4)
+    assert fk.current_weight == pytest.approx(0.4) and fk.weight == 0.4
+
+
+@pytest.mark.parametrize('kw, where', [(dict(shift_labels=True), 'outputs=Outputs(shift_labels=...)'),
+                                       (dict(attention_mask=1), 'outputs=Outputs(attention_mask=...)'),
+                                       (dict(output_fn=lambda o: o), 'outputs=Outputs(output_fn=...)'),
+                                       (dict(teacher_dtype=torch.bfloat16), 'FrozenTeacher(teacher, dtype=...)'),
+                                       (dict(teacher_device='cpu'), 'FrozenTeacher(teacher, device=...)'),
+                                       (dict(teacher_weights=[1, 2]), 'TeacherEnsemble(teachers, weights=...)'),
+                                       (dict(ensemble_weights=[1, 2]), 'TeacherEnsemble(teachers, weights=...)'),
+                                       (dict(feature_teacher=1), 'TeacherEnsemble(teachers, feature_index=...)'),
+                                       (dict(feature_index=1), 'TeacherEnsemble(teachers, feature_index=...)'),
+                                       (dict(cache_teacher=True), 'CachedTeacher(teacher)'),
+                                       (dict(activations_student=['0']), 'student_layers=')])
+def test_the_old_constructors_arguments_point_to_where_they_went(kw, where):
+    with pytest.raises(TypeError) as e: KnowledgeDistillationCallback(mlp(h=32), 'soft_target', **kw)
+    msg = str(e.value)
+    assert f'no longer takes {list(kw)[0]!r}' in msg and where in msg and 'unexpected keyword' not in msg
+    with pytest.raises(TypeError, match='unexpected keyword'): KnowledgeDistillationCallback(mlp(h=32), bogus=1) # other names: Python's error

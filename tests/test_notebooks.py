@@ -1,4 +1,4 @@
-"The library notebooks are written as fastai writes them: one public definition per export cell, short export cells, `show_doc` for the API"
+"The library notebooks are written as fastai writes them: one public definition per export cell, short export cells (a callback class whole, with its events in its body), `show_doc` for the API"
 import ast, importlib, inspect, json, re
 from pathlib import Path
 import pytest
@@ -6,7 +6,7 @@ from torch import nn
 from fastai.callback.core import event
 
 NBS = Path(__file__).parent.parent/'nbs'
-MAX_LINES = 60 # the longest export cell
+MAX_LINES = 60 # the longest export cell, except one that holds one whole `Callback` class (its events in its body, as fastai's)
 EVENTS = {e for e in dir(event) if not e.startswith('_')} # fastai calls these; the callback's prose documents them
 # Rules for what needs a `show_doc` cell:
 # - every class in the module's `__all__`, and every public function there gets its own export cell;
@@ -54,13 +54,33 @@ def own_public(mod)->dict:
     "The names of `mod.__all__` defined in `mod` itself (not re-exported)"
     return {n: getattr(mod, n) for n in getattr(mod, '__all__', []) if getattr(getattr(mod, n), '__module__', None) == mod.__name__}
 
+def whole_callback(src:str, mod)->bool:
+    "Whether the cell holds one class and nothing else, a fastai `Callback` subclass: such a cell may be long"
+    from fastai.callback.core import Callback
+    body = [n for n in ast.parse(src).body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if len(body) != 1 or not isinstance(body[0], ast.ClassDef): return False
+    o = getattr(mod, body[0].name, None)
+    return inspect.isclass(o) and issubclass(o, Callback)
+
+def patched_events(src:str)->list:
+    "Events defined outside a class body: `@patch def before_fit(self:Cls)` or `Cls.before_fit = ...`"
+    res = []
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in EVENTS and any(
+            (d.id if isinstance(d, ast.Name) else getattr(d, 'attr', getattr(getattr(d, 'func', None), 'id', ''))) in ('patch', 'patch_to')
+            for d in node.decorator_list): res.append(node.name)
+        elif isinstance(node, ast.Assign): res += [t.attr for t in node.targets if isinstance(t, ast.Attribute) and t.attr in EVENTS]
+    return res
+
 def problems(nb:dict, mod)->list:
     "Everything in `nb` (the source of `mod`) that breaks the rules above"
     res, public = [], own_public(mod)
     cells = export_cells(nb)
     for src in cells:
         n = len(src.splitlines())
-        if n > MAX_LINES: res.append(f"an export cell of {n} lines (at most {MAX_LINES}): {src.splitlines()[1][:60]!r}...")
+        if n > MAX_LINES and not whole_callback(src, mod):
+            res.append(f"an export cell of {n} lines (at most {MAX_LINES}, unless it holds one whole Callback class): {src.splitlines()[1][:60]!r}...")
+        if ev := patched_events(src): res.append(f"events {ev} are defined outside their callback's class body: define them in the class")
         here = sorted(defined_names(src) & set(public))
         if len(here) > 1: res.append(f"one export cell defines {len(here)} public names, give each its own: {here}")
     for name in public:
@@ -117,3 +137,18 @@ def test_self_check_fails_on_a_long_cell():
 
 def test_self_check_fails_on_a_name_not_exported():
     assert problems(_nb("show_doc(A)", "show_doc(A.run)"), _mod(A, ['A'])) == ['A is not defined in an export cell of its own']
+
+IMP = "from fastai.callback.core import Callback\n"
+CB = "class C(Callback):\n    'A C'\n" + "    x = 1\n" * MAX_LINES + "    def before_fit(self): pass\n"
+
+def test_self_check_lets_a_whole_callback_class_be_long():
+    assert problems(_nb("#| export\n" + IMP, "#| export\n" + CB, "show_doc(C)"), _mod(IMP + CB, ['C'])) == []
+
+def test_self_check_fails_on_a_long_cell_that_is_not_one_callback_class():
+    src = CB + "def f(): pass\n"
+    assert any('export cell of' in p for p in problems(_nb("#| export\n" + IMP, "#| export\n" + src, "show_doc(C)"), _mod(IMP + src, ['C'])))
+
+def test_self_check_fails_on_a_patched_event():
+    src = "from fastai.callback.core import Callback\nfrom fastcore.basics import patch\nclass D(Callback):\n    'A D'\n"
+    nb = _nb("#| export\n" + src, "show_doc(D)", "#| export\n@patch\ndef after_loss(self:D): pass\n")
+    assert any("['after_loss'] are defined outside" in p for p in problems(nb, _mod(src, ['D'])))
