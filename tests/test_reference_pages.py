@@ -13,17 +13,23 @@ EXPORT = re.compile(r'^\s*#\|\s*export[si]?\s*$', re.M)
 LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L(\w+)\)')
 # Notebooks known not to comply yet, skipped with the reason: empty it as each notebook complies.
 PENDING = {
-    '01_losses.ipynb': "public functions without show_doc or without a printing example; test imports in a hidden cell; source links #LNone",
-    '02_match.ipynb': "public functions without show_doc; cells ending in a value without output; hidden imports; source links #LNone",
-    '03_teachers.ipynb': "names without a printing example; test imports in a hidden cell; source links #LNone",
-    '04_distill.ipynb': "names without show_doc or a printing example; hidden imports; source links #LNone",
-    '05_callback.ipynb': "usage cells rely on toy_dls, mlp, Spy, ConvNet from hidden cells; names without a printing example; source links #LNone",
-    '06_data.ipynb': "names without a printing example; test imports in a hidden cell; source links #LNone",
-    '08_demo.ipynb': "test imports in a hidden cell; kdcb.demo is not part of kdcb.all",
-    '09_online.ipynb': "born_again and others without show_doc; hidden imports; source links #LNone",
-    '12_lm.ipynb': "names without show_doc or a printing example; hidden imports; source links #LNone",
-    '13_divergences.ipynb': "names without a printing example; hidden imports",
-    '14_fasterai.ipynb': "names without a printing example; test imports in a hidden cell; source links #LNone",
+    '01_losses.ipynb': "no show_doc for attention_map, chunk_rows, chunked_mean, masked_mean, match_spatial, mft_target; 18 names "
+                       "without a printing example; test helpers imported in a hidden cell; source links #LNone",
+    '02_match.ipynb': "no show_doc for auto_pairs, block_list, depth_pairs, fmt_resolution, match_feature_layers, probe_model; "
+                      "cells 24, 29, 32, 39, 44 end in a value without output; test helpers hidden; source links #LNone",
+    '03_teachers.ipynb': "no show_doc for as_teacher, topk_pack, topk_unpack; 6 names without a printing example; test helpers "
+                         "hidden; source links #LNone",
+    '04_distill.ipynb': "no show_doc for feature_pairs; SOURCES named by no prose or no visible cell with output; 9 names without a printing example; SoftTarget, FitNet, "
+                        "Connectors... imported in hidden cells; source links #LNone",
+    '05_callback.ipynb': "no show_doc for class_axis, finding_lr, join_optimizer, leave_optimizer; usage cells rely on ConvNet, "
+                         "DataLoaders, SchedCos... from hidden cells; cell 72 ends in a value without output; source links #LNone",
+    '06_data.ipynb': "no show_doc for add_unlabelled; UNLABELLED used by no visible cell with output; 3 names without a printing example; test helpers and F hidden; source links #LNone",
+    '09_online.ipynb': "no show_doc for born_again, teacher_chain, progressive_temperature, progressive_weight; 6 names without a "
+                       "printing example; DataLoaders and test helpers hidden; cell 78 ends in a value; source links #LNone",
+    '12_lm.ipynb': "11 names without a printing example; GPT2Config, GPT2LMHeadModel, BertConfig... imported in hidden cells; "
+                   "cells 19, 29 end in a value without output; source links #LNone",
+    '13_divergences.ipynb': "no show_doc for check_unit; 7 names without a printing example; SoftTarget and test helpers hidden",
+    '14_fasterai.ipynb': "3 names without a printing example; partial and test helpers imported in a hidden cell; source links #LNone",
 }
 
 
@@ -76,10 +82,16 @@ def public_names()->dict:
 
 
 # --- the checks, on a notebook's json
-def undocumented(nb:dict, names:list)->list:
-    "Of `names` (each a function, class or constant of the notebook's module), those without `show_doc` and a printing example"
+def undocumented(nb:dict, names:list, constants:set=frozenset())->list:
+    """Of `names` (the functions and classes of the notebook's module), those without `show_doc` and a printing example;
+    of its `constants`, those that no markdown cell names and no visible cell with output uses"""
     cells, bad = nb['cells'], []
     for name in names:
+        if name in constants:
+            said = any(c['cell_type'] == 'markdown' and f'`{name}`' in src(c) for c in cells)
+            shown = any(c['cell_type'] == 'code' and not is_hidden(c) and has_output(c) and re.search(rf'\b{name}\b', src(c)) for c in cells)
+            if not (said and shown): bad.append(f"{name}: a constant that the prose must name and a visible cell with output use")
+            continue
         at = [i for i, c in enumerate(cells) if c['cell_type'] == 'code' and name in show_doc_targets(c)]
         if not at: bad.append(f"{name}: no show_doc({name})"); continue
         i = at[0]
@@ -132,6 +144,17 @@ def bad_source_links(nb:dict, root:Path=ROOT)->list:
     return bad
 
 
+def silent_values(nb:dict)->list:
+    "Indices of visible cells that end in a value (a name, attribute, tuple...: not a call) but kept no output"
+    bad = []
+    for i, c in enumerate(nb['cells']):
+        if c['cell_type'] != 'code' or is_hidden(c) or is_export(c) or has_output(c): continue
+        try: body = ast.parse(code_lines(src(c))).body
+        except SyntaxError: continue
+        if body and isinstance(body[-1], ast.Expr) and not isinstance(body[-1].value, (ast.Call, ast.Constant, ast.Await)): bad.append(i)
+    return bad
+
+
 # --- the tests
 def test_every_public_name_has_a_reference_notebook():
     homes, nbs = public_names(), module_notebooks()
@@ -147,15 +170,23 @@ def _names_by_notebook()->dict:
 def params(): return [pytest.param(p, id=p.name, marks=[pytest.mark.skip(reason=f"pending: {PENDING[p.name]}")] if p.name in PENDING else [])
                       for p in reference_notebooks()]
 
+def constants()->set: return {n for m in API for n in importlib.import_module(m).__all__
+                              if not callable(getattr(importlib.import_module(m), n))}
+
 @pytest.mark.parametrize('path', params())
 def test_public_names_documented_with_an_example(path):
-    bad = undocumented(json.loads(path.read_text()), sorted(_names_by_notebook().get(path.name, [])))
+    bad = undocumented(json.loads(path.read_text()), sorted(_names_by_notebook().get(path.name, [])), constants())
     assert not bad, f"{path.name}:\n  " + "\n  ".join(bad)
 
 @pytest.mark.parametrize('path', params())
 def test_no_hidden_cell_defines_what_the_reader_needs(path):
     bad = hidden_definitions_used(json.loads(path.read_text()))
     assert not bad, f"{path.name}: visible cells use names that only hidden cells bind (cell index, name): {bad}"
+
+@pytest.mark.parametrize('path', params())
+def test_cells_ending_in_a_value_show_it(path):
+    bad = silent_values(json.loads(path.read_text()))
+    assert not bad, f"{path.name}: cells that end in a value but kept no output (cell indices): {bad}"
 
 @pytest.mark.parametrize('path', params())
 def test_source_links_point_to_the_definition(path):
@@ -179,15 +210,22 @@ def test_undocumented_finds_each_gap():
                     _code('#| export\ndef h(): pass'), _code('show_doc(h)', [DOC]), _code('h()'),
                     _code('#| export\ndef k(): pass'), _code('show_doc(k)'), _code('print(k())', [OUT]),
                     _code('#| export\ndef m(): pass'), _code('show_doc(m)', [DOC]), _code('#| export\ndef n(): pass')]}
-    assert undocumented(nb, ['f', 'g', 'h', 'k', 'm', 'n']) == [
+    nb['cells'] += [_md('`C` is the constant'), _code('print(C)', [OUT]), _code('D', hidden=True)]
+    assert undocumented(nb, ['f', 'g', 'h', 'k', 'm', 'n', 'C', 'D'], {'C', 'D'}) == [
         'h: the example after show_doc(h) prints nothing', 'k: show_doc(k) has no rendered output',
-        'm: no example after show_doc(m) before the next definition', 'n: no show_doc(n)']
+        'm: no example after show_doc(m) before the next definition', 'n: no show_doc(n)',
+        'D: a constant that the prose must name and a visible cell with output use']
 
 def test_hidden_definitions_are_found():
     nb = {'cells': [_code('import torch\nfrom math import pi\ndef toy_dls(): pass\nclass Spy: pass\nk = 3', hidden=True),
                     _code('dls = toy_dls()\ns = Spy()'), _code('pi = 3.14\nprint(pi, torch.ones(1))'),
                     _code('show_doc(Spy)'), _code('y = k + 1', hidden=True), _code('for k in range(2): print(k)')]}
     assert hidden_definitions_used(nb) == [(1, 'Spy'), (1, 'toy_dls'), (2, 'torch')]
+
+def test_silent_values_are_found():
+    nb = {'cells': [_code('pairs = 1\npairs', [OUT]), _code('x = 2\nx'), _code('x.shape, x'), _code('test_eq(x, 2)'), _code('x', hidden=True),
+                    _code('#| export\nX = 1\nX'), _code('print(x)')]}
+    assert silent_values(nb) == [1, 2]
 
 def test_source_links_are_checked(tmp_path):
     (tmp_path/'kdcb').mkdir(); (tmp_path/'kdcb'/'m.py').write_text('import x\n\nclass A:\n    def run(self): pass\n')
