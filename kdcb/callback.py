@@ -469,6 +469,7 @@ class KnowledgeDistillationCallback(FitCallback):
         self.teacher.enter(self.learn)
         if self.student_layers == 'auto':
             self.pairs = auto_pairs(self.model, self.teacher.model, batch_inputs(self.dls))
+            self.kd_loss.connect(self.pairs) # element-wise feature losses get trained connectors where the widths differ
             self.student_layers, self.teacher_layers = L(self.pairs['student']), L(self.pairs['teacher'])
         if len(self.student_layers): # hooked for each forward pass only: `before_batch` to `after_pred`
             self.student_hooks = FeatureHooks(self.model, self.student_layers, 'student')

@@ -13,10 +13,12 @@ from fastcore.basics import patch
 from fastcore.foundation import L
 from .core import *
 from .core import _LOSSES, _key
+from .losses import FitNet, ActivationBoundaries, HiddenStateCosine
+from .match import LayerPairs, Connectors
 
 # %% auto #0
-__all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'RatioBalance',
-           'UncertaintyBalance', 'GradNorm', 'FeatureHooks']
+__all__ = ['SOURCES', 'feature_pairs', 'LossTerm', 'PerPair', 'Connected', 'Balancer', 'DistillationLoss', 'needs_connector',
+           'RatioBalance', 'UncertaintyBalance', 'GradNorm', 'FeatureHooks']
 
 # %% ../nbs/04_distill.ipynb #e52d523d
 _ARGS = dict(pred='pred', logits_s='pred', teacher_pred='teacher_pred', logits_t='teacher_pred',
@@ -157,6 +159,19 @@ def _multiplier(schedule:Callable|None)->Callable|None:
     raise TypeError(f"schedule={schedule!r} is not a callable of pct_train. fasterai's `Schedule` objects (`cos`, `lin`, ...) "
                     "work with `kdcb.fasterai.KnowledgeDistillationCallback`, or pass `s.progress`.")
 
+def _connected(term:LossTerm, connectors:Connectors)->LossTerm:
+    "`term` with `connectors` in front of its loss, under the same name and pair weights"
+    c = Connected(term.loss, connectors)
+    c.term.pair_weights = term.pair_weights
+    return LossTerm(c, name=term.name)
+
+def _connect_saved(module:DistillationLoss, state_dict:dict, prefix:str, *args):
+    "Before `load_state_dict`: a loss saved with connectors gets them, shaped from the saved weights, so that they load"
+    for i, t in enumerate(module.terms):
+        p = f'{prefix}terms.{i}.loss.connectors.'
+        if not isinstance(t.loss, Connected) and t.sources & {'fm_s', 'fm_t'} and any(k.startswith(p) for k in state_dict):
+            module.terms[i] = _connected(t, Connectors.from_state_dict(state_dict, p))
+
 # %% ../nbs/04_distill.ipynb #0e4e8063
 class DistillationLoss(nn.Module):
     "Distillation losses with their weights, mixed into a task loss: (1 − Σ w_i)·task + Σ w_i·L_i"
@@ -176,6 +191,7 @@ class DistillationLoss(nn.Module):
         self.weights, self.schedule, self.balance = _weight_list(weight, len(self.terms), self.loss_names), _multiplier(schedule), balance
         if balance is not None: balance.setup(len(self.terms)) # e.g. one learned log-variance per loss, a parameter from now on
         for p in range(101): self.weights_at(p/100) # refuse bad weights now, not halfway through training
+        self.register_load_state_dict_pre_hook(_connect_saved) # a saved state with connectors (`connect`) loads into a fresh loss
         self.set_progress(0.)
 
     @property
@@ -222,12 +238,39 @@ def _checked(self:DistillationLoss, term:LossTerm, v, sources:dict)->Tensor:
         "nothing from it. Compute it from `pred`/`fm_s` without `.detach()`, `.item()` or `torch.no_grad()`.")
     return v
 
+# %% ../nbs/04_distill.ipynb #9cd8362d
+def needs_connector(loss, # a feature loss: object or function of `out_s, out_t` (or `fm_s, fm_t`)
+                   )->bool:
+    "Whether `loss` compares student and teacher features element by element, so that pairs of different widths need a connector"
+    if hasattr(loss, 'elementwise'): return bool(loss.elementwise) # a loss of one's own says so
+    if isinstance(loss, FitNet): return loss.regressor is None # with its regressor, FitNet maps the widths itself
+    return isinstance(loss, (ActivationBoundaries, HiddenStateCosine))
+
+# %% ../nbs/04_distill.ipynb #192a55f2
+@patch
+def connect(self:DistillationLoss, pairs:LayerPairs, # probed pairs, e.g. from `auto_pairs`
+           )->list[str]: # the losses that got connectors now
+    "Connectors from the student's widths to the teacher's for every loss that `needs_connector`, where the widths of `pairs` differ"
+    if any(r.student_shape is None or r.teacher_shape is None for r in pairs.rows): raise ValueError(
+        "The pairs have no probed shapes to build connectors from: pair with `match_feature_layers`/`auto_pairs`, or give "
+        "`depth_pairs` a `sample_input`.")
+    if not Connectors.from_pairs(pairs).widths(): return [] # every pair has one width: nothing to connect
+    done = []
+    for i, t in enumerate(self.terms):
+        if isinstance(t.loss, Connected): # connected before, or built from a loaded state: it must fit these pairs
+            if isinstance(t.loss.connectors, Connectors) and not t.loss.connectors.fits(pairs): raise ValueError(
+                f"Loss {t.name!r} has connectors for {t.loss.connectors.widths()} (student layer: (student, teacher) width), but "
+                f"the probed pairs need {Connectors.from_pairs(pairs).widths()}: load a state saved with the same models.")
+        elif t.sources & {'fm_s', 'fm_t'} and needs_connector(t.loss):
+            self.terms[i] = _connected(t, Connectors.from_pairs(pairs)); done.append(t.name)
+    return done
+
 # %% ../nbs/04_distill.ipynb #d0453d06
 class RatioBalance(Balancer):
     "Each distillation loss rescaled (by a detached factor) to the task loss's value: its weight becomes its share of the mixed loss"
     def __init__(self, weight:float|Callable|list=0.5, # total share of the distillation losses (split evenly), a schedule, or one per loss
                  eps:float=1e-8, # smallest loss value divided by, so that a loss at 0 does not blow up the factor
-                ): super().__init__(weight); self.eps = eps
+                ): super().__init__(weight); self.eps = check_positive('eps', eps)
 
     def forward(self, task:Tensor, values:list[Tensor], weights:list[float])->tuple[Tensor, Tensor]:
         scale = [(task.detach().float() / v.detach().float().clamp_min(self.eps)) for v in values] # detached: only the size changes
@@ -258,6 +301,10 @@ class GradNorm(Balancer):
         super().__init__(weight)
         if shared is None: raise ValueError("GradNorm compares gradients on shared student parameters: give them, e.g. "
                                             "`GradNorm(0.5, shared=student[-1])` for the classifier.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf: raise ValueError(
+            f"alpha={alpha!r} must be a number >= 0: the pull towards a loss that falls slower than the others (0: none; the paper uses 0.12 to 3).")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf: raise ValueError(
+            f"lr={lr!r} must be a number > 0: the step of the log-weights (the paper's default 0.025).")
         self.alpha, self.lr = alpha, lr
         self._shared = [p for p in (shared.parameters() if isinstance(shared, nn.Module) else shared) if p.requires_grad] # not a submodule: not this loss's to train
         if not self._shared: raise ValueError("GradNorm's `shared` holds no trainable parameters.")

@@ -5,16 +5,18 @@
 # %% ../nbs/14_fasterai.ipynb #8716cecc
 from __future__ import annotations
 from typing import Callable
+from functools import reduce
 from torch import nn
 from fastai.learner import Learner
 from .core import *
 from .losses import SoftTarget, Logits, Mutual, DecoupledKD, Attention, ActivationBoundaries, FitNet, Similarity
 from .teachers import TeacherSource
+from . import match
 from . import callback
 
 # %% auto #0
-__all__ = ['fasterai_schedule', 'KnowledgeDistillationCallback', 'get_model_layers', 'SoftTarget', 'Logits', 'Mutual',
-           'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet', 'Similarity']
+__all__ = ['fasterai_schedule', 'KnowledgeDistillationCallback', 'get_model_layers', 'get_module_by_name', 'match_feature_layers',
+           'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet', 'Similarity']
 
 # %% ../nbs/14_fasterai.ipynb #f9faf557
 _all_ = ['SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet', 'Similarity']
@@ -55,3 +57,22 @@ def get_model_layers(model:nn.Module, # the model to list
     "fasterai's `get_model_layers`: the dotted names of `model`'s layers, in definition order (with their repr if `get_layer_repr`)"
     named = [(n, m) for n, m in model.named_modules() if n]
     return {n: repr(m) for n, m in named} if get_layer_repr else [n for n, _ in named]
+
+# %% ../nbs/14_fasterai.ipynb #e29afdad
+def get_module_by_name(module:nn.Module|Learner, # the model (or a `Learner`: then the names start with 'model.')
+                       access_string:str, # dot-separated path, e.g. 'layer1.0.conv1'
+                      ):
+    "fasterai's `get_module_by_name`: the attribute at the dotted path; a path that is not there is an error listing close names, not fasterai's `None`"
+    try: return reduce(getattr, access_string.split('.'), module)
+    except AttributeError:
+        model, name = (module.model, access_string.removeprefix('model.')) if isinstance(module, Learner) else (module, access_string)
+        if isinstance(model, nn.Module): get_module(model, name, type(model).__name__) # raises, naming the closest layers
+        raise
+
+# %% ../nbs/14_fasterai.ipynb #78109e7e
+def match_feature_layers(student_model:nn.Module, # the student
+                         teacher_model:nn.Module, # the teacher, given the same input
+                         sample_input, # an input batch (a tensor), to probe the shapes of both models' outputs
+                        )->match.LayerPairs: # `{'student': [...], 'teacher': [...]}`
+    "fasterai's `match_feature_layers`: the layers of `student_model` and `teacher_model` whose outputs share a resolution, paired"
+    return match.match_feature_layers(student_model, teacher_model, sample_input)

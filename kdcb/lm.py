@@ -5,13 +5,14 @@
 # %% ../nbs/12_lm.ipynb #52fd26c7
 from __future__ import annotations
 from typing import Callable
-import torch
+import inspect, sys
+import cloudpickle, torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders, Datasets
+from fastai.data.transforms import ItemGetter
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
 from fastcore.basics import store_attr, patch
@@ -105,12 +106,14 @@ class Responses(torch.utils.data.Dataset):
             seed:int=0, # seed of the split
             shuffle:bool=True, # shuffle the training items every epoch
            )->DataLoaders:
-        "Training and validation `DataLoaders` over a random split of the items"
+        "Training and validation `DataLoaders` over a random split of the items: fastai `Datasets`, which `export` can empty"
         if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct={valid_pct} must lie in [0, 1).")
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         n_valid = round(len(self) * valid_pct)
-        train, valid = [self[i] for i in idx[n_valid:]], [self[i] for i in idx[:n_valid]]
-        return DataLoaders(DataLoader(train, bs=bs, shuffle=shuffle), DataLoader(valid, bs=bs))
+        items = list(zip(self.input_ids, self.attention_mask, self.labels))
+        # fastai's own transforms only: an exported learner keeps them, and loads where kdcb is not installed
+        dsets = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)], [ItemGetter(2)]], splits=(idx[n_valid:], idx[:n_valid]), n_inp=2)
+        return dsets.dataloaders(bs=bs, shuffle=shuffle, drop_last=False)
 
 # %% ../nbs/12_lm.ipynb #0c238212
 def _generator(teacher)->tuple[Callable, nn.Module|None]:
@@ -195,12 +198,21 @@ def generate_responses(teacher, # a Hugging Face generative model, a `Learner` h
     return Responses([p for p, _ in pairs], [r for _, r in pairs], pad)
 
 # %% ../nbs/12_lm.ipynb #6be4e9e0
+def _plain(x): # kdcb.core's `plain`, here so that what an exported learner keeps (see below) needs nothing from kdcb
+    return x.as_subclass(Tensor) if isinstance(x, Tensor) and type(x) is not Tensor else x
+
+def _logits(out)->Tensor:
+    "The logits of a language model's output: the tensor itself, or its `logits` (a `ModelOutput`, or the dict fastai's `MixedPrecision` makes of one)"
+    logits = out if isinstance(out, Tensor) else out.get('logits') if hasattr(out, 'get') else getattr(out, 'logits', None)
+    if not isinstance(logits, Tensor): raise TypeError(
+        f"The model output is a {type(out).__name__} without `logits`: give the logits (B, L, V) or a Hugging Face `ModelOutput`.")
+    return _plain(logits)
+
 def causal_lm_loss(out, # the model's output: logits (B, L, V) or a `ModelOutput` with `logits`
                    labels:Tensor, # (B, L) labels, `input_ids` with -100 where nothing is learned
                   )->Tensor:
     "Hugging Face's causal-LM loss from `labels = input_ids`: logit i against token i + 1, positions labelled -100 left out"
-    logits = output_tensor(out, 'the model output')
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), plain(labels)[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(_logits(out)[:, :-1].flatten(0, 1).float(), _plain(labels)[:, 1:].flatten(), ignore_index=-100)
 
 # %% ../nbs/12_lm.ipynb #d4e8d8b3
 class KeywordInputs(nn.Module):
@@ -208,7 +220,10 @@ class KeywordInputs(nn.Module):
     def __init__(self, model:nn.Module, # e.g. a `GPT2LMHeadModel`
                  names:tuple|dict=('input_ids', 'attention_mask'), # the keyword of each input in batch order, or {keyword: index into the batch inputs}
                  labels:int|None=None, # index of the model's own labels among the batch inputs (a teacher with its own tokenizer, for `ULD`)
-                ): super().__init__(); self.model, self.names, self.labels = model, dict(names) if isinstance(names, dict) else tuple(names), labels
+                ):
+        super().__init__(); self.model, self.names, self.labels = model, dict(names) if isinstance(names, dict) else tuple(names), labels
+        # no key/value cache: training does not reuse it, and fastai's `to_float` (`to_fp16`, `to_bf16`) cannot convert one
+        self.no_cache = 'use_cache' in inspect.signature(model.forward).parameters
 
     def forward(self, *xb):
         if isinstance(self.names, dict): kw = self.names
@@ -217,15 +232,18 @@ class KeywordInputs(nn.Module):
         else: kw = {k: i for i, k in enumerate(self.names[:len(xb)])}
         bad = [i for i in [*kw.values(), self.labels] if i is not None and not -len(xb) <= i < len(xb)]
         if bad: raise IndexError(f"KeywordInputs reads batch inputs {bad}, but the batch has {len(xb)} inputs.")
-        out = self.model(**{k: plain(xb[i]) for k, i in kw.items()})
+        out = self.model(**{k: _plain(xb[i]) for k, i in kw.items()}, **({'use_cache': False} if getattr(self, 'no_cache', False) else {}))
         # with `labels`, the output carries them: `ULD` finds the teacher's response in its own tokens
-        return out if self.labels is None else dict(logits=output_tensor(out, 'the model output'), labels=plain(xb[self.labels]))
+        return out if self.labels is None else dict(logits=_logits(out), labels=_plain(xb[self.labels]))
 
     def generate(self, *args, **kwargs): return self.model.generate(*args, **kwargs)
     @property
     def config(self): return getattr(self.model, 'config', None) # the wrapped model's token ids, for `generate_responses`
     @property
     def generation_config(self): return getattr(self.model, 'generation_config', None)
+
+# %% ../nbs/12_lm.ipynb #dda02aab
+if __name__ in sys.modules and __name__ != '__main__': cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # %% ../nbs/12_lm.ipynb #0b56ce92
 def _check_distiller(learn:Learner):

@@ -205,8 +205,32 @@ class Connectors(nn.Module):
             mods[r.student] = nn.Identity() if identity and c_s == c_t else _connector(r.student_shape, r.resolution, c_t)
         return cls(mods)
 
+    @classmethod
+    def from_state_dict(cls, state:dict, # a `state_dict` holding connectors' weights, e.g. a saved distillation callback's
+                        prefix:str='', # where the connectors' keys start, e.g. 'terms.1.loss.connectors.'
+                       )->Connectors:
+        "The connectors whose weights `state` holds, shaped from them (`Linear` for 2-D weights, 1×1 convolutions for 3- to 5-D), to load `state` into"
+        mods = {}
+        for k, w in state.items():
+            if not (k.startswith(prefix + 'maps.') and k.endswith('.weight')): continue
+            name, shape = k[len(prefix) + len('maps.'):-len('.weight')], tuple(w.shape)
+            if '.' in name or not (len(shape) == 2 or (3 <= len(shape) <= 5 and set(shape[2:]) == {1})): raise ValueError(
+                f"{k!r} has shape {shape}: not the weight of a connector (a linear layer or a 1×1 convolution).")
+            mods[name.replace('-', '.')] = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else \
+                {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)](shape[1], shape[0], 1)
+        if not mods: raise ValueError(f"The state holds no connector weights under {prefix + 'maps.'!r}.")
+        return cls(mods)
+
+    def widths(self)->dict[str, tuple]: # student layer name -> (student width, teacher width), for the learned connectors only
+        "What each learned connector maps, from which width to which (`nn.Identity` ones are left out)"
+        return {n: (m.weight.shape[1], m.weight.shape[0]) for n, m in zip(self.names, self.maps.values()) if hasattr(m, 'weight')}
+
+    def fits(self, pairs:LayerPairs)->bool:
+        "Whether these connectors map the widths that `pairs` probed (the layers of a state saved from the same models)"
+        return self.widths() == Connectors.from_pairs(pairs).widths()
+
     def __getitem__(self, name:str)->nn.Module: return self.maps[_esc(name)]
-    def __contains__(self, name:str)->bool: return name in self.names
+    def __contains__(self, name:str)->bool: return _esc(name) in self.maps
 
     def forward(self, fm_s:dict[str, Tensor])->dict[str, Tensor]: # the student features, mapped where a connector exists
         "Apply each layer's connector to the student features `fm_s` (layer name -> tensor)"

@@ -83,3 +83,61 @@ def test_get_model_layers_as_fasterai():
     m = conv()
     assert get_model_layers(m) == fa_distill.get_model_layers(m)
     assert get_model_layers(m, get_layer_repr=True) == dict(fa_distill.get_model_layers(m, get_layer_repr=True))
+
+
+def fasterai_public_names()->list[str]:
+    "What `from fasterai.distill.all import *` gives, read from the installed fasterai"
+    import fasterai.distill.all as fa_all
+    names = getattr(fa_all, '__all__', None) or [n for n in vars(fa_all) if not n.startswith('_')]
+    return sorted(n for n in names if not isinstance(getattr(fa_all, n), type(fa_all))) # not submodules
+
+
+def test_every_public_name_of_fasterais_distillation():
+    import kdcb.fasterai
+    names = fasterai_public_names()
+    assert {'KnowledgeDistillationCallback', 'SoftTarget', 'match_feature_layers', 'get_module_by_name'} <= set(names)
+    assert not (missing := [n for n in names if n not in kdcb.fasterai.__all__]), f"kdcb.fasterai lacks fasterai's {missing}"
+    ns = {}
+    exec('from kdcb.fasterai import *', ns)
+    assert not (missing := [n for n in names if n not in ns]), missing
+
+
+@pytest.mark.parametrize('name', fa_losses.__all__)
+def test_each_loss_as_fasterais_function(name):
+    "kdcb's class of the same name, with its defaults, gives fasterai's function's value, with the arguments the callback offers"
+    from kdcb.distill import LossTerm
+    g = torch.Generator().manual_seed(0)
+    pred, tp, y = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+    fs = {'a': torch.randn(8, 4, 6, 6, generator=g), 'b': torch.randn(8, 8, 3, 3, generator=g)}
+    ft = {'x': torch.randn(8, 4, 6, 6, generator=g), 'y': torch.randn(8, 8, 3, 3, generator=g)}
+    src = dict(pred=pred, teacher_pred=tp, target=y, fm_s=fs, fm_t=ft)
+    torch.testing.assert_close(LossTerm(globals()[name])(**src), getattr(fa_losses, name)(**src), rtol=1e-5, atol=1e-6)
+
+
+def test_get_module_by_name_as_fasterai():
+    m = conv()
+    learn = Learner(_dls(), m, loss_func=CrossEntropyLossFlat())
+    for obj, path in [(m, '1'), (m, '3'), (learn, 'model.1'), (m, '1.weight')]:
+        assert get_module_by_name(obj, path) is fa_distill.get_module_by_name(obj, path)
+    assert fa_distill.get_module_by_name(m, '9') is None # fasterai's silent None ...
+    with pytest.raises(AttributeError, match='Closest layer names'): get_module_by_name(m, '9') # ... is an error here
+    with pytest.raises(AttributeError, match='Closest layer names'): get_module_by_name(learn, 'model.9')
+
+
+def cnn(c):
+    def block(i, o, s): return nn.Sequential(nn.Conv2d(i, o, 3, stride=s, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+    return nn.Sequential(block(3, c, 1), block(c, 2 * c, 2), block(2 * c, 4 * c, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10))
+
+
+def test_match_feature_layers_as_fasterai():
+    x = torch.randn(2, 3, 16, 16)
+    s, t = cnn(4), cnn(8)
+    assert dict(match_feature_layers(s, t, x)) == fa_distill.match_feature_layers(s, t, x) # blocks: the same pairs
+    from torchvision.models import resnet18, resnet50
+    s, t, x = resnet18(), resnet50(), torch.randn(1, 3, 64, 64)
+    ours, theirs = match_feature_layers(s, t, x), fa_distill.match_feature_layers(s, t, x)
+    # the same resolutions in the same order; at the first, kdcb takes the stage's output ('relu') where fasterai takes 'conv1'
+    assert ours['student'][1:] == theirs['student'][1:] and ours['teacher'][1:] == theirs['teacher'][1:]
+    assert (ours['student'][0], theirs['student'][0]) == ('relu', 'conv1')
+    kd = KnowledgeDistillationCallback(t, Attention, ours['student'], ours['teacher']) # straight into the callback
+    assert list(kd.activations_teacher) == ours['teacher']

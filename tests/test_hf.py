@@ -1,5 +1,5 @@
 "Hugging Face transformers built from configs (nothing downloaded) distilled through the plain callback"
-import pytest, torch
+import math, pytest, torch
 import torch.nn.functional as F
 from torch import nn
 from fastai.callback.core import Callback
@@ -274,3 +274,59 @@ def test_value_relation_gradcheck():
     assert torch.autograd.gradcheck(lambda v: ValueRelation(2)(v, vt, m), (vs,))
     ValueRelation(2)(vs, vt, m).backward()
     assert vs.grad[0, 3:].abs().max() == 0 # padded values get no gradient
+
+
+def llama(layers, d, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def masked_causal_dls(n=48, L=12, bs=16):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (n, L), generator=g)
+    mask = torch.ones_like(ids); mask[::3, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100); labels[:, :3] = -100
+    ds = list(zip(ids, mask, labels))
+    return DataLoaders(DataLoader(ds[:32], bs=bs, shuffle=True), DataLoader(ds[32:], bs=bs))
+
+
+class LastOf(Last):
+    "`Last` for a prediction that fastai's `to_float` turned into a plain dict"
+    def after_loss(self):
+        if self.training: self.batch = (self.learn.loss_grad.detach(), self.pred['logits'].detach(), *self.xb, *self.yb)
+
+
+@pytest.mark.parametrize('make', [gpt2, llama])
+@pytest.mark.parametrize('precision', ['to_bf16', 'to_fp16'])
+def test_mixed_precision_learner_distils(make, precision):
+    "fastai's `MixedPrecision` turns the output into floats with `to_float`, which fails on a model output holding a `DynamicCache`"
+    from fastai.callback.fp16 import MixedPrecision
+    from kdcb.lm import causal_lm_loss
+    teacher, student = KeywordInputs(make(2, 32, 0)), KeywordInputs(make(1, 16, 1))
+    kd = KnowledgeDistillationCallback(teacher, SoftTarget(T=2), outputs=Outputs(shift_labels=True, attention_mask=1))
+    learn = getattr(Learner(masked_causal_dls(), student, loss_func=causal_lm_loss, cbs=[kd, spy := LastOf()]), precision)()
+    assert any(isinstance(c, MixedPrecision) for c in learn.cbs)
+    w0 = [p.detach().clone() for p in student.parameters()]
+    quiet_fit(learn, 2, 1e-2)
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(w0, student.parameters()))
+    # the mixed loss of the last batch, recomputed: the task loss and the soft target over the kept (shifted, masked) positions
+    mixed, zs, x, m, y = spy.batch
+    with torch.no_grad(): zt = teacher.eval()(x, m).logits
+    keep = (y[:, 1:] != -100) & (m[:, 1:] == 1)
+    ref = 0.5 * causal_lm_loss(zs, y) + 0.5 * kl_tokens(zs[:, :-1], zt[:, :-1], keep, 2.)
+    assert torch.allclose(mixed, ref, atol=1e-5), (mixed, ref)
+
+
+def test_keyword_inputs_leave_the_cache_out():
+    m = gpt2(1, 16, 0).eval()
+    x = torch.randint(1, V, (2, 6))
+    with torch.no_grad():
+        assert m(x).past_key_values is not None # what a Hugging Face causal LM returns by default
+        out = KeywordInputs(m)(x, torch.ones_like(x))
+        assert list(out.keys()) == ['logits'] and torch.equal(out.logits, m(x).logits)
+    bm = bert(1, 16, 0).eval() # BERT's forward takes no `use_cache`: called as before
+    assert not KeywordInputs(bm).no_cache
+    with torch.no_grad(): assert torch.equal(KeywordInputs(bm)(x).logits, bm(input_ids=x).logits)

@@ -246,3 +246,48 @@ def test_token_soft_target_masks_padding_only():
     assert torch.allclose(TokenSoftTarget(T=2)(zs, zt, labels), 4 * kl[:, 1].mean()) # without a mask: the labels', as SoftTarget
     assert torch.allclose(TokenSoftTarget(T=2)(zs, zt), 4 * kl.mean())
     with pytest.raises(ValueError, match='for masked LMs'): TokenSoftTarget()(zs[:, :-1], zt[:, :-1], attention_mask=mask)
+
+
+NO_KDCB = r'''
+import sys; sys.modules['kdcb'] = None # `import kdcb` fails in this process
+import torch, transformers
+from fastai.learner import load_learner
+learn = load_learner(sys.argv[1])
+x, m, y = torch.load(sys.argv[2])
+with torch.no_grad(): out = learn.model(x, m)
+assert type(out).__module__.startswith('transformers') and list(out.keys()) == ['logits'], out.keys() # no key/value cache
+dl = learn.dls.test_dl(list(zip(x, m, y)), with_labels=True)
+print(float(learn.loss_func(out, y)), learn.validate(dl=dl)[0], out.logits.sum().item())
+'''
+
+
+def test_lm_learner_exports_and_loads_without_kdcb(tmp_path):
+    "A learner built as documented (`Responses.dls`, `KeywordInputs`, `causal_lm_loss`, the callback) exports; the file loads where kdcb cannot be imported"
+    import subprocess, sys
+    teacher = gpt2(2, 32, 0)
+    data = generate_responses(teacher, random_prompts(32, seed=3), max_new_tokens=6, pad_token_id=EOS, progress=False)
+    kd = KnowledgeDistillationCallback(KeywordInputs(teacher), SoftTarget(T=2), outputs=Outputs(shift_labels=True, attention_mask=1))
+    learn = Learner(data.dls(bs=8, valid_pct=0.25), KeywordInputs(gpt2(1, 16, 1)), loss_func=causal_lm_loss, cbs=kd)
+    quiet_fit(learn, 1, 1e-2)
+    learn.export(tmp_path / 'lm.pkl')
+    x, m, y = data.input_ids[:4], data.attention_mask[:4], data.labels[:4]
+    torch.save((x, m, y), tmp_path / 'batch.pt')
+    learn.model.eval()
+    with torch.no_grad(): out = learn.model(x, m)
+    r = subprocess.run([sys.executable, '-c', NO_KDCB, str(tmp_path / 'lm.pkl'), str(tmp_path / 'batch.pt')],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loss, valid, total = map(float, r.stdout.split()[-3:])
+    assert loss == pytest.approx(float(causal_lm_loss(out, y)), rel=1e-5) and valid == pytest.approx(loss, rel=1e-5)
+    assert total == pytest.approx(out.logits.sum().item(), rel=1e-5) # the same student, the same outputs
+
+
+def test_responses_dls_are_fastai_datasets_in_the_same_split():
+    data = Responses([torch.tensor([i + 1, 2]) for i in range(10)], [torch.tensor([3, EOS])] * 10, EOS)
+    dls = data.dls(bs=4, valid_pct=0.3, seed=1)
+    idx = torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
+    assert [int(x[0]) for x, m, y in dls.valid_ds] == [idx[i] + 1 for i in range(3)]
+    assert sorted(int(x[0]) for x, m, y in dls.train_ds) == sorted(i + 1 for i in idx[3:])
+    assert dls.n_inp == 2 and [len(b[0]) for b in dls.train] == [4, 3] # no batch dropped
+    empty = dls.new_empty() # what `export` keeps
+    assert len(empty.train_ds) == 0 and len(empty.valid_ds) == 0
