@@ -265,7 +265,7 @@ def extend_learner()->bool: # whether the wrappers are installed
     if not _wrapped_by_kdcb(Learner.export): Learner.export = _without_fit_callbacks(Learner.export)
     return True
 
-extend_learner()
+extend_learner();
 
 # %% ../nbs/05_callback.ipynb #bb9d749a
 class WeightLog(FitCallback):

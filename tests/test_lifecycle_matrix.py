@@ -82,7 +82,7 @@ COVERED = {KnowledgeDistillationCallback: 'frozen ensemble cached topk_cached fu
            MutualLearning: 'mutual', DeepSupervision: 'deep_supervision', WeightLog: 'balancer',
            kdcb.lm.OnPolicy: 'on_policy', kdcb.lm.TokenAccumulation: 'token_accumulation'}
 NOT_RUN_ALONE = {FitCallback: 'the base class of the callbacks above: every case runs it',
-                 LossColumns: "the progress columns each FitCallback attaches for the length of a fit: every case runs it"}
+                 LossColumns: "the progress columns each FitCallback attaches with itself: every case runs it"}
 
 # cells that do not apply to a case, and why (never skipped silently)
 NOT_APPLICABLE = {

@@ -7,7 +7,8 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from kdcb.callback import KnowledgeDistillationCallback
+from kdcb.callback import KnowledgeDistillationCallback, FitCallback, LossColumns
+from fastai.torch_core import find_bs
 from kdcb.losses import SoftTarget, FitNet
 from kdcb.online import EMATeacher, MutualLearning, DeepSupervision, born_again, teacher_chain, _EMAStep
 from fastai.data.core import Datasets
@@ -322,3 +323,40 @@ def test_fit_again_after_export(which, tmp_path):
     quiet_fit(learn, 1)
     learn.export(tmp_path/'m.pkl')
     quiet_fit(learn, 1)
+
+
+# ---- a new online callback: a FitCallback subclass with its own events only
+
+class Shadow(FitCallback):
+    "The worked example of 09_online: a small model trained alongside the learner's from its softened predictions"
+    order = 5
+    def __init__(self, shadow): self.shadow, self.columns = shadow, LossColumns(['shadow_kl'])
+    def trained(self): return {'shadow': self.shadow}
+    def after_loss(self):
+        if not self.training: return
+        kl = SoftTarget(T=2.)(self.shadow(*self.xb), self.pred.detach())
+        self.set_loss(self.learn.loss_grad + kl)
+        self.columns.accumulate(kl.detach()[None], find_bs(self.yb))
+
+
+def test_a_subclass_with_its_own_events_gets_the_whole_lifecycle(tmp_path):
+    "Device and dtype, the optimizer for the fit only, lr_find leaving it as it was, state_dict, columns, export without it"
+    import warnings
+    import fastai.callback.schedule
+    dls = export_dls()
+    sh = Shadow(nn.Linear(8, 3).double()) # a float64 shadow for a float32 model: it follows the model
+    learn = learner(dls, conv(), cbs=sh); learn.path = tmp_path
+    learn.create_opt(); n0 = len(learn.opt.param_lists[-1])
+    quiet_fit(learn, 2)
+    assert sh.shadow.weight.dtype == torch.float32 and len(learn.opt.param_lists[-1]) == n0
+    assert learn.recorder.metric_names[-2:] == ['shadow_kl', 'time'] and sh.averages()[0] > 0
+    before = {k: v.clone() for k, v in sh.shadow.state_dict().items()}
+    with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
+        warnings.simplefilter('ignore'); learn.lr_find(num_it=3, show_plot=False, suggest_funcs=None)
+    assert all(torch.equal(before[k], v) for k, v in sh.shadow.state_dict().items()) # lr_find put it back
+    state = sh.state_dict()
+    assert set(state) == {'shadow', 'optimizer'} and len(state['optimizer']) == 2 # weight and bias, with their Adam state
+    sh2 = Shadow(nn.Linear(8, 3)); sh2.load_state_dict(state)
+    assert torch.equal(sh2.shadow.weight, sh.shadow.weight) and sh2.parts.saved == state['optimizer']
+    learn.export('m.pkl')
+    assert sh in learn.cbs and not any(isinstance(c, FitCallback) for c in load_learner(tmp_path/'m.pkl').cbs)

@@ -21,8 +21,9 @@ class CPUAutocast(Callback):
 class Record(Callback):
     order = 6
     def before_fit(self): self.rows = []
+    def after_pred(self): self.tp = self.kd.teacher_pred # the callback drops it once its losses have run (end of `after_loss`)
     def after_loss(self):
-        if self.training: self.rows.append((self.learn.loss_grad.detach(), self.kd.teacher_pred.dtype, self.xb[0], self.kd.teacher_pred))
+        if self.training: self.rows.append((self.learn.loss_grad.detach(), self.tp.dtype, self.xb[0], self.tp))
     def __init__(self, kd): self.kd = kd
 
 
