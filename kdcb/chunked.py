@@ -102,6 +102,36 @@ class _Rows(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 # %% ../nbs/01a_chunked.ipynb #ea0bb342
+class _Mean(torch.autograd.Function):
+    "The mean of `fn` over rows `idx` of `s` and `t`; the gradient is computed with the values, a chunk at a time"
+    @staticmethod
+    def forward(ctx, s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, need:bool)->Tensor:
+        ctx.save_for_backward(s, t) # for a second backward pass through a kept graph only
+        ctx.args, ctx.n = (idx, idx, fn, size), max(len(idx[0]), 1)
+        ctx.grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device) if need else None # ∂Σ/∂s, filled below
+        total = upcast(s.new_zeros(()))
+        for c in _chunks(len(idx[0]), size):
+            rows = tuple(i[c] for i in idx)
+            if ctx.grad is None: total += fn(_take(s, idx, c), _take(t, idx, c)).sum(); continue
+            with torch.enable_grad(): # one pass gives the chunk's values and gradient: nothing to recompute later
+                sc = _take(s.detach(), idx, c).requires_grad_()
+                v = fn(sc, _take(t, idx, c)).sum()
+                gc, = torch.autograd.grad(v, sc)
+            total += v.detach()
+            ctx.grad.index_put_(rows, gc.to(s.dtype), accumulate=True)
+        return total / ctx.n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g:Tensor):
+        grad, ctx.grad = ctx.grad, None
+        if grad is not None: return grad.mul_(g / ctx.n), None, None, None, None, None # scaled in place: no second buffer
+        s, t = ctx.saved_tensors # a second backward pass through a kept graph: recompute
+        grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+        _add_grad(grad, s.detach(), t, (g / ctx.n).expand(len(ctx.args[0][0])), *ctx.args)
+        return grad, None, None, None, None, None
+
+# %% ../nbs/01a_chunked.ipynb #5eb50d80
 def chunked_rows(fn:Callable, # loss of float32 student and teacher rows (n, V_s), (n, V_t) -> (n,)
                  s:Tensor, # student logits (…, V_s), classes last: any tensor, a view included
                  t:Tensor, # teacher logits (…, V_t), in any floating dtype (upcast a chunk at a time); not differentiated
@@ -112,7 +142,7 @@ def chunked_rows(fn:Callable, # loss of float32 student and teacher rows (n, V_s
     "`fn` on pairs of rows of `s` and `t`, a chunk at a time, recomputed in the backward pass"
     return _Rows.apply(s, t.detach(), i_s, i_t, fn, chunk_rows(max(s.shape[-1], t.shape[-1]), chunk_size))
 
-# %% ../nbs/01a_chunked.ipynb #0ffe5591
+# %% ../nbs/01a_chunked.ipynb #c6516b1f
 def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher logit rows (n, V) -> (n,)
                  pred:Tensor, # student logits (…, V), classes last
                  teacher_pred:Tensor, # teacher logits (…, V), in any floating dtype (upcast a chunk at a time)
@@ -127,6 +157,5 @@ def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher
         k, V = keep[..., None], pred.shape[-1] # masked rows become zeros, so their values (inf, NaN) reach neither value nor gradient
         s, t = torch.where(k, upcast(pred), 0.).reshape(-1, V), torch.where(k, upcast(teacher_pred.detach()), 0.).reshape(-1, V)
         return torch.where(keep, fn(s, t).reshape(keep.shape), 0.).sum() / keep.sum().clamp_min(1)
-    idx = keep.nonzero(as_tuple=True)
-    vals = chunked_rows(fn, pred, teacher_pred, idx, idx, size)
-    return vals.sum() / max(len(vals), 1)
+    need = torch.is_grad_enabled() and pred.requires_grad
+    return _Mean.apply(pred, teacher_pred.detach(), keep.nonzero(as_tuple=True), fn, size, need)
