@@ -142,3 +142,42 @@ def test_get_preds_decodes_through_the_wrapper():
         probs, targ, dec = learn.get_preds(with_decoded=True)
     assert torch.allclose(probs.sum(-1), torch.ones(16), atol=1e-5)  # softmax applied, as for CrossEntropyLossFlat
     assert torch.equal(dec, probs.argmax(-1)) and torch.equal(targ, y[48:])
+
+
+def test_pickled_labelled_only_is_the_loss_it_wraps():
+    "Pickled (as `export` does), `LabelledOnly` is its task loss: the file needs no kdcb; copies in memory keep the wrapper"
+    import copy, pickle
+    lo = LabelledOnly(nn.CrossEntropyLoss(label_smoothing=0.1))
+    back = pickle.loads(pickle.dumps(lo))
+    assert type(back) is nn.CrossEntropyLoss and back.label_smoothing == 0.1
+    for c in (copy.copy(lo), copy.deepcopy(lo)): assert type(c) is LabelledOnly and c.label == UNLABELLED
+    assert copy.deepcopy(lo).loss_func is not lo.loss_func
+
+
+def test_loaded_loss_refuses_unlabelled_items_loudly():
+    "Training the loaded learner again on unlabelled items fails at once, never silently: the cross entropy refuses −1"
+    import pickle
+    back = pickle.loads(pickle.dumps(LabelledOnly()))
+    with pytest.raises(IndexError, match='out of bounds'): back(torch.randn(4, 10), torch.tensor([1, UNLABELLED, 2, 3]))
+    # labelled batches: the same loss as before pickling
+    pred, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    assert torch.allclose(back(pred, y), LabelledOnly()(pred, y))
+    # a sentinel equal to the cross entropy's ignore_index: the unpickled loss gives the same answer on a mixed batch
+    lo = LabelledOnly(label=-100)
+    y2 = y.clone(); y2[::2] = -100
+    assert torch.allclose(pickle.loads(pickle.dumps(lo))(pred, y2), lo(pred, y2))
+
+
+def test_save_and_load_keep_the_learner_and_its_loss(tmp_path):
+    "`learn.save`/`load` store weights only: the learner keeps `LabelledOnly` and resumes on unlabelled items"
+    set_seed(0)
+    x, y = torch.randn(96, 40), torch.randint(0, 10, (96,))
+    xa, ya = add_unlabelled(x[:16], y[:16], x[16:64])
+    dls = tensor_dls(xa, ya, x[64:], y[64:], bs=16)
+    learn = Learner(dls, cnn1d(3), loss_func=LabelledOnly(), path=tmp_path)
+    quiet_fit(learn, 1, lr=1e-2)
+    learn.save('w')
+    other = Learner(dls, cnn1d(3), loss_func=LabelledOnly(), path=tmp_path).load('w')
+    assert all(torch.equal(a, b) for a, b in zip(learn.model.state_dict().values(), other.model.state_dict().values()))
+    assert type(other.loss_func) is LabelledOnly and type(learn.loss_func) is LabelledOnly
+    quiet_fit(other, 1, lr=1e-2)  # unlabelled items in every batch: no error
