@@ -5,6 +5,7 @@
 # %% ../nbs/03_teachers.ipynb #05462f4c
 from __future__ import annotations
 from typing import Callable
+import functools
 import torch
 from torch import nn, Tensor
 from fastai.learner import Learner
@@ -101,7 +102,12 @@ class TeacherEnsemble(TeacherSource):
     def enter(self, learn:Learner):
         for t in self.teachers: t.enter(learn)
     def __call__(self, xb:tuple):
-        return sum(w * output_tensor(t(xb), 'teacher output').float() for w, t in zip(self.weights, self.teachers))
+        outs = [output_tensor(t(xb), 'teacher output') for t in self.teachers]
+        if bad := [f'{i}: {o.dtype}' for i, o in enumerate(outs) if not o.is_floating_point()]: raise TypeError(
+            f"TeacherEnsemble averages floating-point outputs, but teacher(s) {bad} returned integers: give teachers that return logits.")
+        dtype = functools.reduce(torch.promote_types, [o.dtype for o in outs]) # the teachers' dtype; mixed ones: the widest
+        acc = torch.promote_types(dtype, torch.float32) # summed in float32 at least, so that bfloat16 outputs lose nothing more
+        return sum(w * o.to(acc) for w, o in zip(self.weights, outs)).to(dtype)
     def exit(self):
         for t in self.teachers: t.exit()
 

@@ -155,3 +155,22 @@ def test_gradnorm_in_the_callback():
     kd2.load_state_dict(kd.state_dict())
     torch.testing.assert_close(kd2.kd_loss.balance.lam, lam)
     torch.testing.assert_close(kd2.kd_loss.balance.initial, kd.kd_loss.balance.initial)
+
+
+@pytest.mark.parametrize('eps', [0, -1e-8, float('nan')])
+def test_ratio_balance_refuses_a_non_positive_eps(eps):
+    "Before: eps=0 was taken, and a distillation loss at 0 made the factor infinite at the first such batch"
+    with pytest.raises(ValueError, match='eps=.* must be > 0'): RatioBalance(0.5, eps=eps)
+
+
+@pytest.mark.parametrize('kw', [dict(alpha=-1.), dict(alpha=float('inf')), dict(alpha=float('nan')), dict(alpha='1.5'),
+                                dict(lr=0), dict(lr=-0.025), dict(lr=float('nan')), dict(lr=True)])
+def test_gradnorm_refuses_bad_alpha_and_lr(kw):
+    "Before: a negative alpha or lr was taken, and the weights moved the wrong way without a word"
+    (name, v), = kw.items()
+    with pytest.raises(ValueError, match=f'{name}='): GradNorm(0.5, shared=nn.Linear(2, 2), **kw)
+
+
+def test_gradnorm_takes_the_papers_values():
+    g = GradNorm(0.5, shared=nn.Linear(2, 2), alpha=0, lr=0.025)
+    assert (g.alpha, g.lr) == (0, 0.025)

@@ -115,3 +115,29 @@ def test_ema_output_moves_with_the_student_but_keeps_its_format():
         assert a.shape == b.shape == z.shape and a.dtype == b.dtype == z.dtype and torch.isfinite(b).all()
         assert (b - z).abs().max() < 10 * (z.abs().max() + 1) # logits, not probabilities nor log-probabilities of another scale
     assert any(not torch.equal(a, b) for a, b in zip(e1, e2))
+
+
+class _Learn: model = nn.Linear(8, 3) # enough of a learner for `enter`: the student's device
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16, torch.float32])
+def test_ensemble_mean_has_the_teachers_dtype(dtype):
+    "Before: the mean of float64 or bfloat16 teachers came back as float32"
+    torch.manual_seed(0)
+    a, b, x = mlp().to(dtype), mlp().to(dtype), torch.randn(6, 8).to(dtype)
+    ens = TeacherEnsemble([a, b], weights=[1, 3]); ens.enter(_Learn())
+    out = ens((x,))
+    ens.exit()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    with torch.no_grad(): ref = (0.25 * a(x).to(acc) + 0.75 * b(x).to(acc)).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, ref)
+
+
+def test_ensemble_of_mixed_dtypes_promotes_and_refuses_integer_outputs():
+    x = torch.randn(6, 8)
+    for dts, want in [((torch.float32, torch.float64), torch.float64), ((torch.bfloat16, torch.float16), torch.float32),
+                      ((torch.bfloat16, torch.float32), torch.float32)]:
+        ens = TeacherEnsemble([mlp().to(dts[0]), mlp().to(dts[1])]); ens.enter(_Learn())
+        assert ens((x,)).dtype == want
+    ens = TeacherEnsemble([mlp(), FunctionTeacher(lambda x: x[:, :3].long())]); ens.enter(_Learn())
+    with pytest.raises(TypeError, match=r"teacher\(s\) \['1: torch.int64'\] returned integers"): ens((x,))
