@@ -117,3 +117,17 @@ def test_language_model_comparison_and_tokens():
     assert set(interp.stats['pos'].tolist()) == set(range(3, 11))
     top = interp.plot_top_disagreements(3, decode=lambda t: ' '.join(map(str, t.tolist())))
     assert 'position' in top and len(top['input'][0].split()) == 12
+
+
+def test_recorder_reads_a_balancer_and_plots(tabular):
+    "With a balancer, the recorder keeps the weights it applied (its `w_*` columns), one value per training batch"
+    dls, teacher = tabular
+    rec = DistillationRecorder()
+    learn = Learner(dls, mlp(4), loss_func=CrossEntropyLossFlat(), cbs=[KnowledgeDistillationCallback(teacher, weight=RatioBalance(0.5)), rec])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    v = rec.values
+    assert list(v) == ['task_loss', 'soft_target', 'w_task', 'w_soft_target'] and all(len(x) == 2 * len(dls.train) for x in v.values())
+    assert v['task_loss'][-1] == pytest.approx(learn.knowledge_distillation.columns.last[0].item())
+    fig = rec.plot()
+    assert [a.get_title() for a in fig.axes] == ['Losses', 'Weights'] and len(fig.axes[1].lines) == 2
+    with pytest.raises(ValueError, match='recorded nothing'): DistillationRecorder().plot()
