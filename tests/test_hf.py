@@ -330,3 +330,14 @@ def test_keyword_inputs_leave_the_cache_out():
     bm = bert(1, 16, 0).eval() # BERT's forward takes no `use_cache`: called as before
     assert not KeywordInputs(bm).no_cache
     with torch.no_grad(): assert torch.equal(KeywordInputs(bm)(x).logits, bm(input_ids=x).logits)
+
+
+def test_unwrapped_model_with_mixed_precision_needs_use_cache_off():
+    "Llama takes the mask second and needs no `KeywordInputs`; under `to_bf16` its cache must be off, as the LM page says"
+    from kdcb.lm import causal_lm_loss
+    student = llama(1, 16, 1)
+    kd = KnowledgeDistillationCallback(llama(2, 32, 0), SoftTarget(T=2), outputs=Outputs(shift_labels=True, attention_mask=1))
+    learn = Learner(masked_causal_dls(), student, loss_func=causal_lm_loss, cbs=kd).to_bf16()
+    student.config.use_cache = False # else fastai's `to_float` fails on the `DynamicCache` in its output
+    quiet_fit(learn, 1, 1e-2)
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1])
