@@ -36,7 +36,7 @@ def lm(h): return nn.Sequential(nn.Embedding(V, h), nn.Linear(h, h), nn.ReLU(), 
 class Stopped(Exception): "A writing job stopped part-way (e.g. its time ran out)"
 
 
-class Losses(Callback):
+class BatchLosses(Callback):
     order = 100
     def before_fit(self): self.history = []
     def after_loss(self):
@@ -47,7 +47,7 @@ def distil(source, ds, valid, epochs=2, workers=0, bs=16, student=None):
     "Per-batch training losses of a student distilled from `source` at T = 1: same batches and initial weights whatever the source"
     random.seed(0); torch.manual_seed(0)
     dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=True, drop_last=True, num_workers=workers), DataLoader(valid, bs=32))
-    learn, rec = Learner(dls, student or lm(8), loss_func=CrossEntropyLossFlat()), Losses()
+    learn, rec = Learner(dls, student or lm(8), loss_func=CrossEntropyLossFlat()), BatchLosses()
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2, cbs=[KnowledgeDistillationCallback(source, SoftTarget(T=1.), weight=.5), rec])
     return np.array(rec.history), learn
 
