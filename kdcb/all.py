@@ -22,8 +22,9 @@ from .lm import *
 from .divergences import *
 from .compare import *
 from .interpret import *
+from .store import *
 from .fasterai import get_model_layers, fasterai_schedule # fasterai's callback: `from kdcb.fasterai import *`
-from . import core, chunked, losses, match, teachers, distill, callback, data, online, contrastive, multilabel, detection, lm, divergences, compare, interpret
+from . import core, chunked, losses, match, teachers, distill, callback, data, online, contrastive, multilabel, detection, lm, divergences, compare, interpret, store
 __all__ = [*core.__all__, *chunked.__all__, *losses.__all__, *match.__all__, *teachers.__all__, *distill.__all__, *callback.__all__,
            *data.__all__, *online.__all__, *contrastive.__all__, *multilabel.__all__, *detection.__all__, *lm.__all__,
-           *divergences.__all__, *compare.__all__, *interpret.__all__, 'get_model_layers', 'fasterai_schedule']
+           *divergences.__all__, *compare.__all__, *interpret.__all__, *store.__all__, 'get_model_layers', 'fasterai_schedule']

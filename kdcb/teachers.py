@@ -196,7 +196,7 @@ def topk_pack(logits:Tensor, # teacher logits, class dimension last
              )->tuple: # (logits,) with every class kept, else (top-k logits, int32 indices, float32 fill of the others)
     "The `k` largest logits, their classes, and the logit of the others that keeps the softmax's tail mass exact"
     z = logits if logits.dtype == torch.float64 else logits.float()
-    big = float(z[z.isfinite()].abs().max()) if z.isfinite().any() else 0.
+    big = float(z.abs().nan_to_num(0., 0., 0.).amax()) # the largest finite magnitude (0 when none is finite), without gathering the finite values
     if big > torch.finfo(dtype).max: raise ValueError(
         f"Teacher logits as large as {big:.4g} do not fit in {dtype} (at most {torch.finfo(dtype).max:.4g}): "
         "cache them with dtype=torch.bfloat16 or torch.float32.")
