@@ -21,18 +21,19 @@ __all__ = ['UNLABELLED', 'TensorDL', 'tensor_dls', 'add_unlabelled', 'LabelledOn
 # %% ../nbs/06_data.ipynb #5268b711
 class _Tensors(TensorDataset):
     "A `TensorDataset` that fastai's `export` can empty"
-    def new_empty(self)->Datasets: # no items; one item getter per tensor, the last tensor the target, as `test_set` needs
-        return Datasets([], [[ItemGetter(i)] for i in range(len(self.tensors))], n_inp=max(1, len(self.tensors) - 1),
-                        do_setup=False, types=[tuple, Tensor])
+    def new_empty(self)->Datasets: # no items; one item getter per tensor, as `test_set` needs
+        return Datasets([], [[ItemGetter(i)] for i in range(len(self.tensors))], n_inp=max(1, len(self.tensors) - 1), do_setup=False, types=[tuple, Tensor])
 
 class TensorDL(TfmdDL):
     "A fastai `TfmdDL` over a `TensorDataset` that gathers each batch with one indexing op instead of collating items"
-    def __init__(self, dataset:TensorDataset, # the tensors, items along their first dimension
+    def __init__(self, dataset:TensorDataset, # the tensors, items along their first dimension (any dataset with `tensors`, e.g. an `IndexedDataset`)
                  num_workers:int=0, # the batches are indexed in the main process
                  **kwargs): # `bs`, `shuffle`, `drop_last`, `device` and the rest of fastai's `TfmdDL`
-        if not isinstance(dataset, TensorDataset): raise TypeError(
-            f"TensorDL takes a torch `TensorDataset`, got {type(dataset).__name__}; for other items use fastai's `TfmdDL`.")
-        super().__init__(_Tensors(*dataset.tensors), num_workers=num_workers, **kwargs)
+        if (tensors := getattr(dataset, 'tensors', None)) is None: raise TypeError(
+            f"TensorDL takes a torch `TensorDataset` (or a dataset with its `tensors`), got {type(dataset).__name__}; "
+            "for other items use fastai's `TfmdDL`.")
+        if isinstance(dataset, TensorDataset) and not hasattr(dataset, 'new_empty'): dataset = _Tensors(*tensors) # one that `export` can empty; others are kept as they are
+        super().__init__(dataset, num_workers=num_workers, **kwargs)
 
     def create_item(self, i): return 0 if i is None else i # the item's index (None: fastai's probe of the first item)
     def create_batch(self, b): return tuple(t[torch.as_tensor(b)] for t in self.dataset.tensors)
@@ -40,7 +41,7 @@ class TensorDL(TfmdDL):
     def new(self, dataset=None, # another `TensorDataset` gives a `TensorDL`; other items a fastai `TfmdDL`
             cls=None, **kwargs)->TfmdDL:
         "This loader's settings over `dataset`; `predict`'s input items and `export`'s emptied dataset get a fastai `TfmdDL`"
-        if dataset is None or isinstance(dataset, TensorDataset): return super().new(dataset, cls, **kwargs)
+        if dataset is None or hasattr(dataset, 'tensors'): return super().new(dataset, cls, **kwargs)
         if not isinstance(dataset, Datasets): dataset = test_set(self.dataset.new_empty(), dataset) # inputs only
         return super().new(dataset, cls or TfmdDL, **kwargs)
 
