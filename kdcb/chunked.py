@@ -102,34 +102,40 @@ class _Rows(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 # %% ../nbs/01a_chunked.ipynb #ea0bb342
+def _sum_and_grad(s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, grad_fn:Callable|None, grad:Tensor|None)->Tensor:
+    "Σ `fn` over rows `idx` of `s` and `t`, a chunk at a time; with `grad`, its gradient with respect to `s` is written there"
+    total = upcast(s.new_zeros(()))
+    for c in _chunks(len(idx[0]), size):
+        sc, tc = _take(s, idx, c), _take(t, idx, c)
+        if grad is None: total += fn(sc, tc).sum(); continue
+        if grad_fn is not None: v, gc = grad_fn(sc, tc) # the loss's own formula
+        else:
+            with torch.enable_grad(): # one pass gives the chunk's values and gradient: its graph is dropped at once
+                sc.requires_grad_()
+                v = fn(sc, tc)
+                gc, = torch.autograd.grad(v.sum(), sc)
+        total += v.detach().sum()
+        grad.index_put_(tuple(i[c] for i in idx), gc.to(grad.dtype), accumulate=True)
+    return total
+
 class _Mean(torch.autograd.Function):
     "The mean of `fn` over rows `idx` of `s` and `t`; the gradient is computed with the values, a chunk at a time"
     @staticmethod
-    def forward(ctx, s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, need:bool)->Tensor:
+    def forward(ctx, s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, need:bool, grad_fn:Callable|None)->Tensor:
         ctx.save_for_backward(s, t) # for a second backward pass through a kept graph only
-        ctx.args, ctx.n = (idx, idx, fn, size), max(len(idx[0]), 1)
-        ctx.grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device) if need else None # ∂Σ/∂s, filled below
-        total = upcast(s.new_zeros(()))
-        for c in _chunks(len(idx[0]), size):
-            rows = tuple(i[c] for i in idx)
-            if ctx.grad is None: total += fn(_take(s, idx, c), _take(t, idx, c)).sum(); continue
-            with torch.enable_grad(): # one pass gives the chunk's values and gradient: nothing to recompute later
-                sc = _take(s.detach(), idx, c).requires_grad_()
-                v = fn(sc, _take(t, idx, c)).sum()
-                gc, = torch.autograd.grad(v, sc)
-            total += v.detach()
-            ctx.grad.index_put_(rows, gc.to(s.dtype), accumulate=True)
-        return total / ctx.n
+        ctx.args, ctx.n = (idx, fn, size, grad_fn), max(len(idx[0]), 1)
+        ctx.grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device) if need else None # ∂Σ/∂s, filled with the values
+        return _sum_and_grad(s.detach(), t, *ctx.args, ctx.grad) / ctx.n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g:Tensor):
         grad, ctx.grad = ctx.grad, None
-        if grad is not None: return grad.mul_(g / ctx.n), None, None, None, None, None # scaled in place: no second buffer
-        s, t = ctx.saved_tensors # a second backward pass through a kept graph: recompute
-        grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
-        _add_grad(grad, s.detach(), t, (g / ctx.n).expand(len(ctx.args[0][0])), *ctx.args)
-        return grad, None, None, None, None, None
+        if grad is None: # a second backward pass through a kept graph: the same computation again
+            s, t = ctx.saved_tensors
+            grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            _sum_and_grad(s.detach(), t, *ctx.args, grad)
+        return grad.mul_(g / ctx.n), None, None, None, None, None, None # scaled in place: no second buffer
 
 # %% ../nbs/01a_chunked.ipynb #5eb50d80
 def chunked_rows(fn:Callable, # loss of float32 student and teacher rows (n, V_s), (n, V_t) -> (n,)
@@ -149,8 +155,9 @@ def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher
                  target:Tensor|None=None, # integer labels (…): positions equal to `ignore_index` are left out
                  ignore_index:int=-100, # label of positions to leave out
                  chunk_size:int|None=None, # positions per chunk (see `chunk_rows`)
+                 grad_fn:Callable|None=None, # optional: rows (n, V), (n, V) -> (`fn`'s values, their gradient with respect to the student rows), used instead of autograd
                 )->Tensor: # mean of `fn` over the kept positions; 0, with zero gradient, when none is kept
-    "Mean of `fn` over the kept positions, computed a chunk of positions at a time and recomputed in the backward pass"
+    "Mean of `fn` over the kept positions, computed a chunk of positions at a time with its gradient, keeping no chunk's graph"
     check_same_classes(pred, teacher_pred)
     keep, size = kept_positions(target, pred.shape[:-1], ignore_index).to(pred.device), chunk_rows(pred.shape[-1], chunk_size)
     if keep.numel() <= size: # one chunk holds every position (a classifier's batch): no gather, no device synchronisation
@@ -158,4 +165,4 @@ def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher
         s, t = torch.where(k, upcast(pred), 0.).reshape(-1, V), torch.where(k, upcast(teacher_pred.detach()), 0.).reshape(-1, V)
         return torch.where(keep, fn(s, t).reshape(keep.shape), 0.).sum() / keep.sum().clamp_min(1)
     need = torch.is_grad_enabled() and pred.requires_grad
-    return _Mean.apply(pred, teacher_pred.detach(), keep.nonzero(as_tuple=True), fn, size, need)
+    return _Mean.apply(pred, teacher_pred.detach(), keep.nonzero(as_tuple=True), fn, size, need, grad_fn)

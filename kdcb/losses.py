@@ -43,6 +43,13 @@ def _kl_per_position(s:Tensor, t:Tensor, T:float)->Tensor:
     s, t = _positions(s, t, T)
     return kl_from_logs(F.log_softmax(t, -1), F.log_softmax(s, -1))
 
+def _fkl_and_grad(T:float)->Callable:
+    "KL(σ(t/T) ‖ σ(s/T)) per row and its gradient (σ(s/T) − σ(t/T))/T with respect to `s`, without autograd (see `chunked_mean`)"
+    def f(s:Tensor, t:Tensor)->tuple[Tensor, Tensor]:
+        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        return kl_from_logs(lt, ls), ls.exp_().sub_(lt.exp_()).div_(T) # `lt` and `ls` are not used after this line
+    return f
+
 @register_loss
 class SoftTarget(ScheduledLoss):
     "Hinton et al. 2015: KL(σ(z_t/T) ‖ σ(z_s/T))·T², averaged over (unmasked) positions"
@@ -62,7 +69,7 @@ class SoftTarget(ScheduledLoss):
         # T² keeps the gradient's magnitude independent of T (Hinton et al., section 2)
         # a chunk of positions at a time (`chunked_mean`): no full-size float32 softmax of either model is held
         fn = lambda s, t: kl_from_logs(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1))
-        return chunked_mean(fn, pred, teacher_pred, target, self.ignore_index) * T**2
+        return chunked_mean(fn, pred, teacher_pred, target, self.ignore_index, grad_fn=_fkl_and_grad(T)) * T**2
 
 # %% ../nbs/01_losses.ipynb #84066630
 def _labels(target:Tensor|None, logits:Tensor, ignore_index:int, loss:str, alt:str='SoftTarget')->tuple[Tensor, Tensor]:
