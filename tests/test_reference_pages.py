@@ -15,8 +15,6 @@ LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L
 PENDING = {
     '01_losses.ipynb': "no show_doc for attention_map, chunk_rows, chunked_mean, masked_mean, match_spatial, mft_target; 18 names "
                        "without a printing example; test helpers imported in a hidden cell; source links #LNone",
-    '02_match.ipynb': "no show_doc for auto_pairs, block_list, depth_pairs, fmt_resolution, match_feature_layers, probe_model; "
-                      "cells 24, 29, 32, 39, 44 end in a value without output; test helpers hidden; source links #LNone",
     '03_teachers.ipynb': "no show_doc for as_teacher, topk_pack, topk_unpack; 6 names without a printing example; test helpers "
                          "hidden; source links #LNone",
     '04_distill.ipynb': "no show_doc for feature_pairs; SOURCES named by no prose or no visible cell with output; 9 names without a printing example; SoftTarget, FitNet, "
