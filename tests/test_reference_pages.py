@@ -15,10 +15,6 @@ LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L
 PENDING = {
     '01_losses.ipynb': "no show_doc for attention_map, chunk_rows, chunked_mean, masked_mean, match_spatial, mft_target; 18 names "
                        "without a printing example; test helpers imported in a hidden cell; source links #LNone",
-    '03_teachers.ipynb': "no show_doc for as_teacher, topk_pack, topk_unpack; 6 names without a printing example; test helpers "
-                         "hidden; source links #LNone",
-    '04_distill.ipynb': "no show_doc for feature_pairs; SOURCES named by no prose or no visible cell with output; 9 names without a printing example; SoftTarget, FitNet, "
-                        "Connectors... imported in hidden cells; source links #LNone",
     '05_callback.ipynb': "no show_doc for class_axis, finding_lr, join_optimizer, leave_optimizer; usage cells rely on ConvNet, "
                          "DataLoaders, SchedCos... from hidden cells; cell 72 ends in a value without output; source links #LNone",
     '06_data.ipynb': "no show_doc for add_unlabelled; UNLABELLED used by no visible cell with output; 3 names without a printing example; test helpers and F hidden; source links #LNone",
