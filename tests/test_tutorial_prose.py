@@ -17,8 +17,6 @@ BENCH_README = ROOT / 'benchmarks' / 'README.md'
 PENDING = {
     '05_vision.ipynb': {'times': "run times that no printed time shows ('the one minute', KDCB_FULL's 'several minutes')"},
     '01_losses.ipynb': {'api': "the FitNet(tokens=True) prose says the callback is 'given `attention_mask=`': write `Outputs(attention_mask=...)`"},
-    '04_distill.ipynb': {'benchmark': "the balancers' paragraph cites 0.4 ms, 1.2 ms, 1.06x, 1.17x to `benchmarks/balance.py --part "
-                                      "overhead`, whose row holds +0.38 and +1.17 ms on a 6.7 ms step"},
     '05_callback.ipynb': {'api': "cell 36 writes `shift_labels=True` outside `Outputs(...)`"},
     '08_demo.ipynb': {'times': "'2 min 3 s of process CPU time', '8 min 27 s wall': times no output of the page prints"},
     '12_lm.ipynb': {'api': "cell 59 writes `shift_labels=True` outside `Outputs(...)`"},
