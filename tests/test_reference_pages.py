@@ -15,10 +15,7 @@ LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L
 PENDING = {
     '01_losses.ipynb': "no show_doc for attention_map, chunk_rows, chunked_mean, masked_mean, match_spatial, mft_target; 18 names "
                        "without a printing example; test helpers imported in a hidden cell; source links #LNone",
-    '05_callback.ipynb': "no show_doc for class_axis, finding_lr, join_optimizer, leave_optimizer; usage cells rely on ConvNet, "
-                         "DataLoaders, SchedCos... from hidden cells; cell 72 ends in a value without output; source links #LNone",
-    '09_online.ipynb': "no show_doc for born_again, teacher_chain, progressive_temperature, progressive_weight; 6 names without a "
-                       "printing example; DataLoaders and test helpers hidden; cell 78 ends in a value; source links #LNone",
+    '05_callback.ipynb': "source links #LNone: the page was executed without execnb's CaptureShell",
     '12_lm.ipynb': "11 names without a printing example; GPT2Config, GPT2LMHeadModel, BertConfig... imported in hidden cells; "
                    "cells 19, 29 end in a value without output; source links #LNone",
     '13_divergences.ipynb': "no show_doc for check_unit; 7 names without a printing example; SoftTarget and test helpers hidden",
