@@ -15,9 +15,10 @@ from fastai.torch_core import set_seed
 import fastai.callback.schedule, fastai.callback.progress # Learner.fit_one_cycle, fine_tune, no_bar
 from fastcore.basics import store_attr, patch
 from fastprogress.fastprogress import master_bar
+from .callback import FitCallback
 
 # %% ../nbs/17_compare.ipynb #e4fd1f45
-class RunHistory(Callback):
+class RunHistory(FitCallback):
     "Per epoch, across every fit of a run (`fine_tune` makes two): the validation values the recorder logged, the optimizer steps so far, the wall time"
     order = 51 # after `Recorder` (50) has written the epoch's values
     def __init__(self): self.values, self.steps, self.times, self.n_steps = {}, [], [], 0

@@ -63,7 +63,7 @@ CASES = [
     Case('ema', lambda s, m: [KnowledgeDistillationCallback(EMATeacher(s, decay=0.9))], lambda: {}),
     Case('connector', lambda s, m: [_fitnet_kd(m['teacher'])]),
     Case('balancer', lambda s, m: [KnowledgeDistillationCallback(m['teacher'], ['soft_target', 'logits'], weight=UncertaintyBalance(0.5)),
-                                   WeightLog()]),
+                                   WeightLog(), DistillationRecorder(), RunHistory()]),
     Case('fasterai', lambda s, m: [kdcb.fasterai.KnowledgeDistillationCallback(m['teacher'], kdcb.fasterai.SoftTarget)]),
     Case('mutual', lambda s, m: [MutualLearning(m['peer'])], lambda: dict(peer=conv())),
     Case('deep_supervision', lambda s, m: [DeepSupervision(['1'])], lambda: {}),
@@ -80,6 +80,7 @@ ALL = CASES + LM_CASES
 COVERED = {KnowledgeDistillationCallback: 'frozen ensemble cached topk_cached function ema connector balancer',
            kdcb.fasterai.KnowledgeDistillationCallback: 'fasterai',
            MutualLearning: 'mutual', DeepSupervision: 'deep_supervision', WeightLog: 'balancer',
+           DistillationRecorder: 'balancer', RunHistory: 'balancer',
            kdcb.lm.OnPolicy: 'on_policy', kdcb.lm.TokenAccumulation: 'token_accumulation'}
 NOT_RUN_ALONE = {FitCallback: 'the base class of the callbacks above: every case runs it',
                  LossColumns: "the progress columns each FitCallback attaches with itself: every case runs it"}
