@@ -2,7 +2,7 @@
 epoch 1 as in epoch 2, and the same as the live teacher (top-k: within its documented approximation). The sources and the
 output losses are discovered, from `kdcb.all` and the loss registry: a new one fails `test_every_source_is_covered` (or
 is covered by itself) until it is added here."""
-import copy, pytest, torch
+import copy, tempfile, pytest, torch
 from torch import nn
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -18,14 +18,15 @@ N_CLASSES, BS = 5, 16
 MULTI_LABEL = {'sigmoid_kd'} # output losses of independent labels: multi-hot targets and a binary task loss
 
 
-def data(multi_label=False, seed=0):
-    "Deterministic batches: no shuffle, no augmentation, every item in every epoch"
+def data(multi_label=False, seed=0, indexed=False):
+    "Deterministic batches: no shuffle, no augmentation, every item in every epoch (`indexed`: each carries its index, for stores)"
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, 8, generator=g)
     y = torch.randint(0, N_CLASSES, (64,), generator=g)
     if multi_label: y = (torch.rand(64, N_CLASSES, generator=g) > .5).float()
     ds = list(zip(x, y))
-    return DataLoaders(DataLoader(ds[:48], bs=BS, shuffle=False), DataLoader(ds[48:], bs=BS)), x[:48]
+    train = IndexedDataset(ds[:48]) if indexed else ds[:48]
+    return DataLoaders(DataLoader(train, bs=BS, shuffle=False), DataLoader(ds[48:], bs=BS)), x[:48]
 
 
 def teacher(seed):
@@ -55,9 +56,12 @@ def _function(ts, s):
     m = ts[0]
     return FunctionTeacher(lambda x: m(x) * 2), lambda x: m(x) * 2, 'exact'
 def _ema(ts, s): return EMATeacher(s, decay=.9), None, 'ema' # its reference: the student's copy, taken below
+def _stored(ts, s, dls): # every logit, float32: exact
+    return StoredTeacher(write_teacher_store(tempfile.mkdtemp(), ts[0], dls.train, k=None, dtype=torch.float32)), lambda x: ts[0](x), 'exact'
 
 SOURCES = {FrozenTeacher: _frozen, TeacherEnsemble: _ensemble, CachedTeacher: _cached, TopKCachedTeacher: _topk,
-           FunctionTeacher: _function, EMATeacher: _ema}
+           FunctionTeacher: _function, EMATeacher: _ema, StoredTeacher: _stored}
+STORES = {StoredTeacher} # sources that read by item index: built from the loaders, which carry it
 
 
 def shipped_sources()->list[type]:
@@ -78,9 +82,9 @@ class Spy:
 
 
 def run(source_cls, loss_name, lr=0.):
-    dls, x = data(loss_name in MULTI_LABEL)
+    dls, x = data(loss_name in MULTI_LABEL, indexed=source_cls in STORES)
     ts, s = [teacher(1), teacher(2)], mlp(8, 16, N_CLASSES)
-    src, ref, how = SOURCES[source_cls](ts, s)
+    src, ref, how = SOURCES[source_cls](ts, s, *([dls] if source_cls in STORES else []))
     if how == 'ema': s0 = copy.deepcopy(s); ref = lambda x: s0(x)
     kd = KnowledgeDistillationCallback(src, loss_name, weight=.5)
     spy = Spy(kd.kd_loss.terms[0].loss)
