@@ -20,6 +20,7 @@ from fastcore.foundation import L
 from .core import *
 from .teachers import *
 from .distill import *
+from .distill import _refuse_moved, _SCHEDULE_MOVED
 from .match import auto_pairs
 
 # %% auto #0
@@ -410,40 +411,32 @@ _MOVED = {'shift_labels': "outputs=Outputs(shift_labels=...)", 'attention_mask':
           'teacher_device': "teacher=FrozenTeacher(teacher, device=...) (or TeacherEnsemble(teachers, device=...))",
           'teacher_weights': "teacher=TeacherEnsemble(teachers, weights=...)", 'ensemble_weights': "teacher=TeacherEnsemble(teachers, weights=...)",
           'feature_teacher': "teacher=TeacherEnsemble(teachers, feature_index=...)", 'feature_index': "teacher=TeacherEnsemble(teachers, feature_index=...)",
-          'cache_teacher': "teacher=CachedTeacher(teacher)",
+          'cache_teacher': "teacher=CachedTeacher(teacher)", 'schedule': _SCHEDULE_MOVED,
           'activations_student': "student_layers=... (or kdcb.fasterai.KnowledgeDistillationCallback, which takes fasterai's names)",
           'activations_teacher': "teacher_layers=... (or kdcb.fasterai.KnowledgeDistillationCallback, which takes fasterai's names)"}
-
-def _refuse_moved(init):
-    "`init`, refusing the arguments of kdcb's earlier constructor with where each one went (not Python's bare TypeError)"
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        if old := [k for k in kwargs if k in _MOVED]: raise TypeError(
-            f"{type(self).__name__}() no longer takes {', '.join(map(repr, old))}: give " + '; '.join(_MOVED[k] for k in old) + '.')
-        init(self, *args, **kwargs)
-    return __init__
 
 # %% ../nbs/05_callback.ipynb #d84a2ea4
 class KnowledgeDistillationCallback(FitCallback):
     "Distil a teacher into the learner's model: distillation losses mixed into the training loss at every training batch"
     order = 5 # before GradientAccumulation (6), which divides the mixed loss, and MixedPrecision (10)
 
-    @_refuse_moved
+    @_refuse_moved(_MOVED)
     def __init__(self,
                  teacher:nn.Module|Learner|list|TeacherSource, # the trained teacher (a model or `Learner`), a list of them, or a source
                  loss:str|Callable|list='soft_target', # registered name(s), loss class(es) or object(s)/callable(s)
                  student_layers:list[str]|str|None=None, # dotted names of hooked student layers, paired with... ('auto': matched)
                  teacher_layers:list[str]|None=None, # ...these teacher layers, in the same order
                  weight:float|Callable|list=0.5, # total distillation weight (split evenly), a schedule, or one per loss
-                 schedule:Callable|None=None, # optional multiplier of every weight, a callable of `pct_train`
                  distill_valid:bool=False, # also mix the distillation losses into the validation loss
                  outputs:Outputs|None=None, # what output losses compare, e.g. `Outputs(shift_labels=True, attention_mask=1)` for causal LMs
                 ):
+        if not isinstance(distill_valid, bool): raise TypeError(f"distill_valid={distill_valid!r} must be True or False; a weight "
+            "that follows a schedule is a callable `weight` (the sixth argument was once `schedule`).")
         if not isinstance(outputs, (Outputs, type(None))): raise TypeError(
             f"outputs={outputs!r}: give an `Outputs(output_fn=..., shift_labels=..., attention_mask=...)`, or None.")
         self.student_layers, self.teacher_layers = _layer_names(student_layers, teacher_layers)
         self.teacher = teacher
-        self.kd_loss = DistillationLoss(loss, weight, schedule)
+        self.kd_loss = DistillationLoss(loss, weight)
         _check_features(self.kd_loss, self.student_layers, self.teacher_layers, self.teacher)
         self.columns, self.distill_valid, self.pairs = LossColumns(['task_loss', *self.kd_loss.names]), distill_valid, None
         self.student_hooks = self.teacher_hooks = self.teacher_pred = None

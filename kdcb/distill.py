@@ -63,6 +63,9 @@ class LossTerm(nn.Module):
         self.name, self.pair_weights = name or _loss_name(self.loss), pair_weights
         params = inspect.signature(self.loss.forward if isinstance(self.loss, nn.Module) else self.loss).parameters.values()
         named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if 'pct_train' in [p.name for p in named]: raise TypeError(
+            f"Loss {self.name!r} asks for `pct_train`, which is not a source: a loss that follows training progress subclasses "
+            "`ScheduledLoss` and reads `self.pct_train` (or `self.now(v)`), set by `DistillationLoss.set_progress` before every batch.")
         bad = [p.name for p in named if p.name not in _ARGS and p.default is p.empty]
         if bad: raise TypeError(f"Loss {self.name!r} requires argument(s) {bad} that the callback cannot provide. "
                                 f"A loss may ask for: {', '.join(_ARGS)}; give other parameters defaults.")
@@ -146,18 +149,31 @@ class Balancer(nn.Module):
         return w[0]*task + sum(wi*v for wi, v in zip(w[1:], values)), w
 
 # %% ../nbs/04_distill.ipynb #39750c8b
+_SCHEDULE_MOVED = ("a callable weight, `weight=lambda pct_train: w * schedule(pct_train)` for `weight=w, schedule=schedule` (with one "
+                   "weight per loss, a list of such callables); for a fasterai `Schedule` s, `s.progress` is the schedule, or use "
+                   "`kdcb.fasterai.KnowledgeDistillationCallback`, which takes fasterai's `schedule=`")
+
+def _refuse_moved(moved:dict): # {argument of an earlier constructor: how to give it now}
+    "Decorate an `__init__` to refuse the arguments of an earlier constructor, saying where each one went (not Python's bare TypeError)"
+    def deco(init):
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            if old := [k for k in kwargs if k in moved]: raise TypeError(
+                f"{type(self).__name__}() no longer takes {', '.join(map(repr, old))}: give " + '; '.join(moved[k] for k in old) + '.')
+            init(self, *args, **kwargs)
+        return __init__
+    return deco
+
 def _weight_list(weight, n:int, names:list)->list:
     each = list(weight) if isinstance(weight, (list, tuple, L)) else None
     if each is not None and len(each) != n: raise ValueError(
         f"{len(each)} weights for {n} losses ({', '.join(names)}): give one weight per loss, or a single total weight.")
+    for w in each if each is not None else [weight]:
+        if hasattr(w, 'progress') and not callable(w): raise TypeError(
+            f"weight={w!r} is a fasterai `Schedule`, not a callable of pct_train: give `weight=lambda p: w * s.progress(p)`, or "
+            "use `kdcb.fasterai.KnowledgeDistillationCallback`, which takes fasterai's `schedule=`.")
     if each is not None: return each
     return [weight] if n == 1 else [(lambda p, w=weight: w(p)/n) if callable(weight) else weight/n] * n
-
-def _multiplier(schedule:Callable|None)->Callable|None:
-    "`schedule`, checked: a callable of `pct_train`, or None"
-    if schedule is None or callable(schedule): return schedule
-    raise TypeError(f"schedule={schedule!r} is not a callable of pct_train. fasterai's `Schedule` objects (`cos`, `lin`, ...) "
-                    "work with `kdcb.fasterai.KnowledgeDistillationCallback`, or pass `s.progress`.")
 
 def _connected(term:LossTerm, connectors:Connectors)->LossTerm:
     "`term` with `connectors` in front of its loss, under the same name and pair weights"
@@ -175,20 +191,22 @@ def _connect_saved(module:DistillationLoss, state_dict:dict, prefix:str, *args):
 # %% ../nbs/04_distill.ipynb #0e4e8063
 class DistillationLoss(nn.Module):
     "Distillation losses with their weights, mixed into a task loss: (1 − Σ w_i)·task + Σ w_i·L_i"
+    @_refuse_moved({'schedule': _SCHEDULE_MOVED})
     def __init__(self, losses:Callable|str|list, # registered name(s), loss class(es), object(s) or function(s)
                  weight:float|Callable|list=0.5, # total distillation weight (split evenly), a schedule, or one per loss
-                 schedule:Callable|None=None, # optional multiplier of every weight, a callable of `pct_train`
                  balance:Balancer|None=None, # rescales the weighted losses at every step (a `Balancer` given as `weight` is taken here)
                 ):
         super().__init__()
         if isinstance(weight, Balancer): balance, weight = weight, weight.weight # the callback's `weight=RatioBalance(.5)`
+        if not isinstance(balance, (Balancer, type(None))): raise TypeError(f"balance={balance!r} is not a `Balancer` "
+            "(`RatioBalance`, `UncertaintyBalance`, `GradNorm`) or None; a weight that follows a schedule is a callable `weight`.")
         self.terms = nn.ModuleList([l if isinstance(l, LossTerm) else LossTerm(l) for l in (losses if isinstance(losses, (list, tuple, L)) else [losses])])
         if not len(self.terms): raise ValueError("Give at least one distillation loss.")
         names = [t.name for t in self.terms]
         self.loss_names = [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
         # the columns `forward` reports: each loss's value, then with a balancer the weights it gave the task and each loss
         self.names = self.loss_names + ([f'w_{n}' for n in ['task', *self.loss_names]] if balance is not None else [])
-        self.weights, self.schedule, self.balance = _weight_list(weight, len(self.terms), self.loss_names), _multiplier(schedule), balance
+        self.weights, self.balance = _weight_list(weight, len(self.terms), self.loss_names), balance
         if balance is not None: balance.setup(len(self.terms)) # e.g. one learned log-variance per loss, a parameter from now on
         for p in range(101): self.weights_at(p/100) # refuse bad weights now, not halfway through training
         self.register_load_state_dict_pre_hook(_connect_saved) # a saved state with connectors (`connect`) loads into a fresh loss
@@ -200,7 +218,6 @@ class DistillationLoss(nn.Module):
     def weights_at(self, pct_train:float)->list[float]:
         "The weights at training progress `pct_train`, checked"
         w = [float(w(pct_train)) if callable(w) else float(w) for w in self.weights]
-        if self.schedule is not None: w = [wi * float(self.schedule(pct_train)) for wi in w]
         if not all(0 <= wi <= 1 for wi in w) or sum(w) > 1 + 1e-6: raise ValueError(
             f"The distillation weights are {dict(zip(self.loss_names, w))} at pct_train={pct_train:.2f}: each must lie in [0, 1] "
             f"and their sum (here {sum(w):g}) at most 1, or the task loss gets a negative weight. Scale a loss itself "

@@ -24,13 +24,16 @@ _all_ = ['SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'Activati
 # %% ../nbs/14_fasterai.ipynb #0757d86a
 def fasterai_schedule(schedule, # a fasterai `Schedule` (it has `.progress(pct_train)`), a callable of `pct_train`, or None
                      )->Callable|None: # a callable of `pct_train`, or None
-    "A fasterai `Schedule` as the callable of `pct_train` that kdcb's `schedule=` takes"
+    "A fasterai `Schedule` as a callable of `pct_train`: the multiplier of the weight"
     if schedule is None: return None
     if hasattr(schedule, 'progress'): return lambda pct_train: float(schedule.progress(pct_train))
     if callable(schedule): return schedule
     raise TypeError(f"schedule={schedule!r} is neither a fasterai `Schedule` (with `.progress`) nor a callable of pct_train.")
 
 # %% ../nbs/14_fasterai.ipynb #fbf01a98
+def _times(w, s:Callable|None): # a weight (a number or a callable of `pct_train`) times the schedule `s`, as a callable weight
+    return w if s is None else lambda pct_train: (w(pct_train) if callable(w) else w) * float(s(pct_train))
+
 class KnowledgeDistillationCallback(callback.KnowledgeDistillationCallback):
     "kdcb's distillation callback under fasterai's argument and attribute names"
     def __init__(self, teacher:nn.Module|Learner|TeacherSource, # the trained teacher
@@ -40,7 +43,9 @@ class KnowledgeDistillationCallback(callback.KnowledgeDistillationCallback):
                  weight:float=0.5, # weight of the distillation loss: (1 − weight)·task + weight·distillation
                  schedule=None, # a fasterai `Schedule` (`cos`, `lin`, ...) or a callable of `pct_train`: the weight's multiplier
                 ):
-        super().__init__(teacher, loss, activations_student, activations_teacher, weight, fasterai_schedule(schedule))
+        s = fasterai_schedule(schedule)
+        w = [_times(wi, s) for wi in weight] if isinstance(weight, (list, tuple)) else _times(weight, s)
+        super().__init__(teacher, loss, activations_student, activations_teacher, w) # kdcb's callable weight: weight × schedule
         self.weight = weight
 
     @property

@@ -263,7 +263,7 @@ def test_distillation_moves_the_student_towards_the_teacher():
 
 
 def test_fastai_schedules_as_weights_and_multiplier(dls):
-    "combine_scheds as the weight and SchedLin as fasterai-style multiplier: the mixed loss follows both at every batch"
+    "combine_scheds times SchedLin (a fasterai-style multiplier) as one callable weight: the mixed loss follows both at every batch"
     from fastai.callback.schedule import combine_scheds, SchedCos, SchedLin, SchedNo
     torch.manual_seed(0)
     teacher, student = conv(8), conv()
@@ -275,7 +275,7 @@ def test_fastai_schedules_as_weights_and_multiplier(dls):
         def after_loss(self):
             if self.training: self.rows.append(dict(pct=self.pct_train, mixed=self.learn.loss_grad.detach(), pred=self.pred.detach(),
                                                     x=self.xb[0], y=self.yb[0], fs=student[:2](self.xb[0]).detach()))
-    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'], weight=w, schedule=mult)
+    kd = KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'], weight=lambda p: w(p) * mult(p))
     rec = Rec()
     quiet_fit(Learner(dls, student, loss_func=CrossEntropyLossFlat()), 3, cbs=[kd, rec])
     assert len(rec.rows) == 3 * len(dls.train)
@@ -361,7 +361,8 @@ def test_the_current_weights_are_public(dls):
                                        (dict(feature_teacher=1), 'TeacherEnsemble(teachers, feature_index=...)'),
                                        (dict(feature_index=1), 'TeacherEnsemble(teachers, feature_index=...)'),
                                        (dict(cache_teacher=True), 'CachedTeacher(teacher)'),
-                                       (dict(activations_student=['0']), 'student_layers=')])
+                                       (dict(activations_student=['0']), 'student_layers='),
+                                       (dict(schedule=lambda p: p), 'weight=lambda pct_train: w * schedule(pct_train)')])
 def test_the_old_constructors_arguments_point_to_where_they_went(kw, where):
     with pytest.raises(TypeError) as e: KnowledgeDistillationCallback(mlp(h=32), 'soft_target', **kw)
     msg = str(e.value)
