@@ -18,7 +18,6 @@ PENDING = {
     '05_callback.ipynb': "source links #LNone: the page was executed without execnb's CaptureShell",
     '12_lm.ipynb': "11 names without a printing example; GPT2Config, GPT2LMHeadModel, BertConfig... imported in hidden cells; "
                    "cells 19, 29 end in a value without output; source links #LNone",
-    '13_divergences.ipynb': "no show_doc for check_unit; 7 names without a printing example; SoftTarget and test helpers hidden",
 }
 
 
