@@ -14,8 +14,6 @@ LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L
 # Notebooks known not to comply yet, skipped with the reason: empty it as each notebook complies.
 PENDING = {
     '05_callback.ipynb': "source links #LNone: the page was executed without execnb's CaptureShell",
-    '12_lm.ipynb': "11 names without a printing example; GPT2Config, GPT2LMHeadModel, BertConfig... imported in hidden cells; "
-                   "cells 19, 29 end in a value without output; source links #LNone",
 }
 
 

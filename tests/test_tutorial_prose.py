@@ -18,7 +18,6 @@ PENDING = {
     '05_vision.ipynb': {'times': "run times that no printed time shows ('the one minute', KDCB_FULL's 'several minutes')"},
     '05_callback.ipynb': {'api': "cell 36 writes `shift_labels=True` outside `Outputs(...)`"},
     '08_demo.ipynb': {'times': "'2 min 3 s of process CPU time', '8 min 27 s wall': times no output of the page prints"},
-    '12_lm.ipynb': {'api': "cell 59 writes `shift_labels=True` outside `Outputs(...)`"},
     'benchmarks/README.md': {'api': "the lm_memory.py section writes `shift_labels=True` outside `Outputs(...)`"},
 }
 
