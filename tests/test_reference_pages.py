@@ -13,7 +13,6 @@ EXPORT = re.compile(r'^\s*#\|\s*export[si]?\s*$', re.M)
 LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L(\w+)\)')
 # Notebooks known not to comply yet, skipped with the reason: empty it as each notebook complies.
 PENDING = {
-    '05_callback.ipynb': "source links #LNone: the page was executed without execnb's CaptureShell",
 }
 
 
