@@ -13,12 +13,6 @@ EXPORT = re.compile(r'^\s*#\|\s*export[si]?\s*$', re.M)
 LINK = re.compile(r'\[source\]\(https://[^)\s]*?/blob/[^/)]+/(kdcb/[\w/]+\.py)#L(\w+)\)')
 # Notebooks known not to comply yet, skipped with the reason: empty it as each notebook complies.
 PENDING = {
-    '01_losses.ipynb': "no show_doc for attention_map, chunk_rows, chunked_mean, masked_mean, match_spatial, mft_target; 18 names "
-                       "without a printing example; test helpers imported in a hidden cell; source links #LNone",
-    '05_callback.ipynb': "source links #LNone: the page was executed without execnb's CaptureShell",
-    '12_lm.ipynb': "11 names without a printing example; GPT2Config, GPT2LMHeadModel, BertConfig... imported in hidden cells; "
-                   "cells 19, 29 end in a value without output; source links #LNone",
-    '13_divergences.ipynb': "no show_doc for check_unit; 7 names without a printing example; SoftTarget and test helpers hidden",
 }
 
 

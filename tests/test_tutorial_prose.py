@@ -16,10 +16,8 @@ BENCH_README = ROOT / 'benchmarks' / 'README.md'
 # Keyed by notebook name, or by path for the two README.md; checks: figures, imports, benchmark, times, api, sentences.
 PENDING = {
     '05_vision.ipynb': {'times': "run times that no printed time shows ('the one minute', KDCB_FULL's 'several minutes')"},
-    '01_losses.ipynb': {'api': "the FitNet(tokens=True) prose says the callback is 'given `attention_mask=`': write `Outputs(attention_mask=...)`"},
     '05_callback.ipynb': {'api': "cell 36 writes `shift_labels=True` outside `Outputs(...)`"},
     '08_demo.ipynb': {'times': "'2 min 3 s of process CPU time', '8 min 27 s wall': times no output of the page prints"},
-    '12_lm.ipynb': {'api': "cell 59 writes `shift_labels=True` outside `Outputs(...)`"},
     'benchmarks/README.md': {'api': "the lm_memory.py section writes `shift_labels=True` outside `Outputs(...)`"},
 }
 
