@@ -47,3 +47,11 @@ def quiet_fit(learn, n=1, lr=1e-2, cbs=None, one_cycle=False):
     import fastai.callback.progress, fastai.callback.schedule  # Learner.no_bar, Learner.fit_one_cycle
     with learn.no_bar(), learn.no_logging():
         (learn.fit_one_cycle if one_cycle else learn.fit)(n, lr, cbs=cbs)
+
+
+def tiny_gpt2(layers:int, d:int, seed:int, vocab:int=24):
+    "A GPT-2 of `layers` blocks of width `d` built from its config (nothing downloaded), seeded"
+    import transformers
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=vocab, n_positions=32,
+                                                                bos_token_id=0, eos_token_id=0))

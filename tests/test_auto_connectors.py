@@ -6,7 +6,7 @@ from fastai.losses import CrossEntropyLossFlat
 from kdcb.callback import KnowledgeDistillationCallback, Outputs
 from kdcb.distill import Connected
 from kdcb.match import Connectors
-from conftest import digits_dls, quiet_fit
+from conftest import digits_dls, quiet_fit, tiny_gpt2
 
 transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
@@ -14,10 +14,7 @@ from kdcb.lm import Responses, KeywordInputs, causal_lm_loss
 V = 24
 
 
-def gpt2(layers, d, seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return KeywordInputs(transformers.GPT2LMHeadModel(cfg))
+def gpt2(layers, d, seed): return KeywordInputs(tiny_gpt2(layers, d, seed, V))
 
 
 def counting_dls(n=64, bs=16):

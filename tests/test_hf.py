@@ -12,17 +12,14 @@ from kdcb.losses import SoftTarget, HiddenStateCosine, FitNet
 from kdcb.match import depth_pairs
 from kdcb.teachers import FunctionTeacher, FrozenTeacher
 from kdcb.lm import KeywordInputs
-from conftest import quiet_fit
+from conftest import quiet_fit, tiny_gpt2
 
 transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
 V = 24
 
 
-def gpt2(layers, d, seed):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg)
+def gpt2(layers, d, seed): return tiny_gpt2(layers, d, seed, V)
 
 
 def bert(layers, d, seed):

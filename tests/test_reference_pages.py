@@ -4,6 +4,7 @@ that a visible cell uses; every rendered source link carries the line of its def
 import ast, importlib, inspect, json, re
 from pathlib import Path
 import pytest
+from test_tutorial_prose import bound # names a cell binds: imports, assignments, definitions
 
 ROOT = Path(__file__).parents[1]
 NBS = ROOT/'nbs'
@@ -83,18 +84,6 @@ def undocumented(nb:dict, names:list, constants:set=frozenset())->list:
         if nxt is None or is_export(nxt): bad.append(f"{name}: no example after show_doc({name}) before the next definition")
         elif not has_output(nxt): bad.append(f"{name}: the example after show_doc({name}) prints nothing")
     return bad
-
-def bound(tree)->set:
-    "Names a cell binds: imports, assignments, definitions, loop and comprehension targets"
-    out = set()
-    for n in ast.walk(tree):
-        if isinstance(n, ast.Import): out |= {a.asname or a.name.split('.')[0] for a in n.names}
-        elif isinstance(n, ast.ImportFrom):
-            for a in n.names: out |= set(getattr(importlib.import_module(n.module), '__all__', ())) if a.name == '*' else {a.asname or a.name}
-        elif isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)): out.add(n.id)
-        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out.add(n.name)
-        elif isinstance(n, ast.arg): out.add(n.arg)
-    return out
 
 def hidden_definitions_used(nb:dict)->list:
     "(cell index, name) for each name a visible cell uses that only a hidden cell before it bound (imported, assigned, defined)"
