@@ -250,15 +250,16 @@ _BENCH = None
 
 def run_one(task):
     "Train the student of one (method, seed) and measure it (in a worker process when `--jobs` > 1)"
-    b, (m, seed) = _BENCH, task
+    b, (i, (m, seed)) = _BENCH, task
     torch.set_num_threads(1)
     x, extra = (b.seq_data if m.seq else (b.student_x, 0.))
     before, cbs = reset_peak_rss(), b.callbacks(m, b.a.T)
     learn, times = b.fit(b.model(b.a.student, seed), x, b.a.epochs, 1e-2, cbs, seed)
     peak, op = peak_rss(), [c for c in cbs if isinstance(c, TimedOnPolicy)]
-    return dict(seed=seed, ppl=b.perplexity(learn), nll=b.teacher_nll(learn.model, seed), cpu=statistics.median(t[1] for t in times),
+    row = dict(seed=seed, ppl=b.perplexity(learn), nll=b.teacher_nll(learn.model, seed), cpu=statistics.median(t[1] for t in times),
                 epoch_cpu=[t[1] for t in times], mem=peak - before, gen=extra,
                 gen_cpu=op[0].gen_cpu if op else None, gen_tokens=op[0].gen_tokens if op else None)
+    return i, row
 
 
 def mean_std(xs): return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.)
@@ -290,11 +291,15 @@ def methods(a):
     global _BENCH
     _BENCH = b # what the forked workers read
     tasks = sorted([(m, s) for m in run for s in seeds], key=lambda t: -COST.get(t[0].name, 1)) # the longest first
+    def report(results): # each fit's figures as it ends
+        for i, r in results:
+            print(f'done {tasks[i][0].name}, seed {r["seed"]}: ppl {r["ppl"]:.2f}, teacher NLL {r["nll"]:.3f} ({time.time() - t0:.0f} s wall)', flush=True)
+            yield i, r
     if a.jobs > 1:
         import multiprocessing
-        with multiprocessing.get_context('fork').Pool(a.jobs) as pool: done = pool.map(run_one, tasks, chunksize=1)
-    else: done = list(map(run_one, tasks))
-    res = {m.name: [r for (m_, _), r in zip(tasks, done) if m_ is m] for m in run}
+        with multiprocessing.get_context('fork').Pool(a.jobs) as pool: done = dict(report(pool.imap_unordered(run_one, enumerate(tasks))))
+    else: done = dict(report(map(run_one, enumerate(tasks))))
+    res = {m.name: [done[i] for i, (m_, _) in enumerate(tasks) if m_ is m] for m in run}
     for name, rows in res.items():
         rows.sort(key=lambda r: seeds.index(r['seed']))
         print(f'{name}: ' + ', '.join(f'seed {r["seed"]}: ppl {r["ppl"]:.2f}, teacher NLL {r["nll"]:.3f}, epoch {r["cpu"]:.1f} s CPU'
