@@ -244,7 +244,7 @@ class Bench:
         return r, since(t)[1]
 
 
-COST = dict(onpolicy_reverse_kl=4, onpolicy_jsd=3, onpolicy_forward_kl=3, jsd=2, skew_kl=2, forward_kl=2, reverse_kl=2) # rough, to order the work
+ORDER = ['scratch', 'forward_kl', 'reverse_kl', 'jsd', 'onpolicy_reverse_kl', 'onpolicy_jsd', 'skew_kl', 'onpolicy_forward_kl', 'sequence_level']
 _BENCH = None
 
 
@@ -287,57 +287,68 @@ def methods(a):
         if m.loss is not None and m.loss not in available_losses():
             skipped.append(m); say(f'skipped {m.name}: no loss {m.loss!r} is registered (available_losses())')
     run = [m for m in wanted if m not in skipped]
+    meta = dict(command=a.argv, seeds=seeds, teacher_ppl=t_ppl, teacher_inference_cpu=statistics.median(b.teacher_epoch(s) for s in seeds),
+                prompts=len(b.prompts), sampled=a.L - a.prompt, head=list(lines), skipped=[m.name for m in skipped], methods=[m.name for m in run])
     if any(m.seq for m in run): b.seq_data = b.sequence_data()
     global _BENCH
     _BENCH = b # what the forked workers read
-    tasks = sorted([(m, s) for m in run for s in seeds], key=lambda t: -COST.get(t[0].name, 1)) # the longest first
-    def report(results): # each fit's figures as it ends
+    tasks = sorted([(m, s) for m in run for s in seeds], key=lambda t: (ORDER.index(t[0].name) if t[0].name in ORDER else len(ORDER), t[1])) # the essential rows first
+    out = Path(a.out) if a.out else None
+    if out: out.parent.mkdir(parents=True, exist_ok=True)
+    def report(results): # each fit's figures as it ends, and the fits so far in the .json
+        done = {}
         for i, r in results:
             print(f'done {tasks[i][0].name}, seed {r["seed"]}: ppl {r["ppl"]:.2f}, teacher NLL {r["nll"]:.3f} ({time.time() - t0:.0f} s wall)', flush=True)
-            yield i, r
+            done[i] = r
+            if out: out.with_suffix('.json').write_text(json.dumps(dict(meta, complete=len(done) == len(tasks), results=by_method(done)), indent=1))
+        return done
+    def by_method(done): return {m.name: rows for m in run if (rows := sorted((done[i] for i, (m_, _) in enumerate(tasks) if m_ is m and i in done),
+                                                                              key=lambda r: seeds.index(r['seed'])))}
     if a.jobs > 1:
         import multiprocessing
-        with multiprocessing.get_context('fork').Pool(a.jobs) as pool: done = dict(report(pool.imap_unordered(run_one, enumerate(tasks))))
-    else: done = dict(report(map(run_one, enumerate(tasks))))
-    res = {m.name: [done[i] for i, (m_, _) in enumerate(tasks) if m_ is m] for m in run}
-    for name, rows in res.items():
-        rows.sort(key=lambda r: seeds.index(r['seed']))
-        print(f'{name}: ' + ', '.join(f'seed {r["seed"]}: ppl {r["ppl"]:.2f}, teacher NLL {r["nll"]:.3f}, epoch {r["cpu"]:.1f} s CPU'
-                                      for r in rows), flush=True)
-    t_inf = statistics.median(b.teacher_epoch(s) for s in seeds)
+        with multiprocessing.get_context('fork').Pool(a.jobs) as pool: res = by_method(report(pool.imap_unordered(run_one, enumerate(tasks))))
+    else: res = by_method(report(map(run_one, enumerate(tasks))))
+    for line in table(res, meta)[len(meta['head']):]: say(line)
+    say(f'\n{time.time() - t0:.0f} s wall in all')
+    if out:
+        out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
+        print(f'written: {out.with_suffix(".md")}, {out.with_suffix(".json")}')
+    return res
+
+
+def table(res:dict, meta:dict)->list:
+    "The printed report of `res` (method -> rows per seed): the run's header lines, then the table"
+    seeds, t_inf = meta['seeds'], meta['teacher_inference_cpu']
     med = lambda name, k: statistics.median(r[k] for r in res[name])
     sc = 'scratch' in res
     base = (med('scratch', 'cpu') + t_inf) if sc else float('nan')
-    say(f'\nValidation perplexity, mean ± std over seeds {" / ".join(map(str, seeds))} (teacher: {t_ppl:.2f}); vs scratch: the change in '
-        f'perplexity paired by seed, mean ± std; the teacher\'s per-token NLL of the student\'s own samples ({len(b.prompts)} held-out '
-        f'prompts, {a.L - a.prompt} sampled characters each), mean; training-epoch CPU time, median, and its ratio to '
+    lines = list(meta['head']) + [
+        f'\nValidation perplexity, mean ± std over seeds {" / ".join(map(str, seeds))} (teacher: {meta["teacher_ppl"]:.2f}); vs scratch: the change in '
+        f'perplexity paired by seed, mean ± std; the teacher\'s per-token NLL of the student\'s own samples ({meta["prompts"]} held-out '
+        f'prompts, {meta["sampled"]} sampled characters each), mean; training-epoch CPU time, median, and its ratio to '
         f'(scratch epoch + the teacher\'s inference over the same batches = {base:.1f} s); on-policy generation: the student\'s '
-        f'`generate` CPU time per generated token and its share of the epoch; fit memory: peak RSS minus RSS at the fit\'s start, first seed\n')
-    say('| method | perplexity | per seed | vs scratch (paired) | teacher NLL of own samples | epoch CPU s | cost ratio | generation ms/token | fit MiB |')
-    say('|---|---|---|---|---|---|---|---|---|')
+        f'`generate` CPU time per generated token and its share of the epoch; fit memory: peak RSS minus RSS at the fit\'s start, first seed\n',
+        '| method | perplexity | per seed | vs scratch (paired) | teacher NLL of own samples | epoch CPU s | cost ratio | generation ms/token | fit MiB |',
+        '|---|---|---|---|---|---|---|---|---|']
     for name, rows in res.items():
         m_, s_ = mean_std([r['ppl'] for r in rows])
         delta = ''
         if sc and name != 'scratch':
-            d = [r['ppl'] - s['ppl'] for r, s in zip(rows, res['scratch'])]
-            dm, ds = mean_std(d); delta = f'{dm:+.2f} ± {ds:.2f}'
+            d = [r['ppl'] - s['ppl'] for r in rows for s in res['scratch'] if s['seed'] == r['seed']]
+            dm, ds = mean_std(d); delta = f'{dm:+.2f} ± {ds:.2f}' + ('' if len(d) == len(seeds) else f' ({len(d)} seeds)')
         cost = '' if name == 'scratch' or not sc else f'{med(name, "cpu") / base:.2f}'
         gen = ''
         if rows[0]['gen_cpu'] is not None:
             g, tok, ep = sum(r['gen_cpu'] for r in rows), sum(r['gen_tokens'] for r in rows), sum(sum(r['epoch_cpu']) for r in rows)
             gen = f'{1000 * g / tok:.3f} ({100 * g / ep:.0f}% of epoch)'
         per_seed = ' / '.join(f"{r['ppl']:.2f}" for r in rows)
-        say(f'| {name} | {m_:.2f} ± {s_:.2f} | {per_seed} | {delta} | '
-            f'{statistics.mean(r["nll"] for r in rows):.3f} | {med(name, "cpu"):.2f} | {cost} | {gen} | {rows[0]["mem"]:.0f} |')
-    if 'sequence_level' in res: say(f'\nsequence_level: generating its data took {res["sequence_level"][0]["gen"]:.1f} s CPU once, not in its epochs.')
-    if skipped: say(f'skipped (their losses are not registered): {", ".join(m.name for m in skipped)}')
-    say(f'\n{time.time() - t0:.0f} s wall in all')
-    if a.out:
-        out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
-        out.with_suffix('.json').write_text(json.dumps(dict(command=a.argv, teacher_ppl=t_ppl, teacher_inference_cpu=t_inf, results=res), indent=1))
-        print(f'written: {out.with_suffix(".md")}, {out.with_suffix(".json")}')
-    return res
+        lines.append(f'| {name} | {m_:.2f} ± {s_:.2f} | {per_seed} | {delta} | '
+                     f'{statistics.mean(r["nll"] for r in rows):.3f} | {med(name, "cpu"):.2f} | {cost} | {gen} | {rows[0]["mem"]:.0f} |')
+    if 'sequence_level' in res: lines.append(f'\nsequence_level: generating its data took {res["sequence_level"][0]["gen"]:.1f} s CPU once, not in its epochs.')
+    if meta['skipped']: lines.append(f'skipped (their losses are not registered): {", ".join(meta["skipped"])}')
+    if not meta.get('complete', True): lines.append(f'not run (the run was stopped): ' + ', '.join(
+        f'{m} seed {s}' for m in meta['methods'] for s in seeds if s not in [r['seed'] for r in res.get(m, [])]))
+    return lines
 
 
 # ---- cost and memory ----
@@ -431,12 +442,12 @@ def memory(a):
               + (' |' if v in ('scratch', 'teacher') else f' {fit[v] / (fit["scratch"] + fit["teacher"]):.2f} |'))
 
 
-STUDENT_CHARS, VALID_CHARS, TEACHER_EPOCHS, EPOCHS = 25_000, 60_000, 2, 8
+STUDENT_CHARS, VALID_CHARS, TEACHER_EPOCHS, EPOCHS, PROMPT = 25_000, 30_000, 2, 6, 32
 QUICK = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, student_chars=40_000, valid_chars=20_000, valid_seqs=64,
              eval_prompts=32, seeds='0,1,2')
 QUICK_SAME = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, train_seqs=640, student_seqs=320, valid_seqs=64,
                   eval_prompts=32, seeds='0,1,2') # `--same-data --quick`
-SAME = dict(teacher='4x128', teacher_epochs=6, student='2x32', epochs=6, out='benchmarks/results/language_model_same_data')
+SAME = dict(teacher='4x128', teacher_epochs=6, student='2x32', epochs=6, prompt=16, out='benchmarks/results/language_model_same_data')
 
 
 def arguments(argv:list|None=None):
@@ -452,10 +463,11 @@ def arguments(argv:list|None=None):
     p.add_argument('--valid-seqs', type=int, default=0, help='validation sequences (0: all)')
     p.add_argument('--seeds', default='0,1,2'); p.add_argument('--T', type=float, default=1.); p.add_argument('--weight', type=float, default=0.5)
     p.add_argument('--L', type=int, default=64)
-    p.add_argument('--prompt', type=int, default=16, help='characters of each sequence that prompt the generations')
+    p.add_argument('--prompt', type=int, default=PROMPT, help='characters of each sequence that prompt the generations')
     p.add_argument('--eval-prompts', type=int, default=128, help="validation prompts the student continues for the teacher's NLL")
     p.add_argument('--methods', default=','.join(m.name for m in METHODS))
     p.add_argument('--out', default='benchmarks/results/language_model', help="where the table (.md) and every figure (.json) go; '' for nowhere")
+    p.add_argument('--table', help='print the table of a results .json (one a stopped run wrote holds the fits it finished)')
     p.add_argument('--jobs', type=int, default=1, help='worker processes (forked after the teacher trains), one thread each')
     p.add_argument('--quick', action='store_true', help='small models and data: ' + ', '.join(f'{k}={v}' for k, v in QUICK.items()))
     p.add_argument('--cost', action='store_true', help='time and memory of distillation instead of perplexity')
@@ -477,6 +489,8 @@ def main():
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV}) # large freed blocks go back to the kernel
     torch.set_num_threads(1); transformers.logging.set_verbosity_error()
     if a.mem_child: print(json.dumps(fit_memory(a, a.mem_child))); return
+    if a.table:
+        d = json.loads(Path(a.table).read_text()); print('\n'.join(table(d['results'], d))); return
     environment()
     (cost if a.cost else methods)(a)
 
