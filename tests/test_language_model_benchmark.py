@@ -47,7 +47,11 @@ def test_smallest_setting_runs_every_available_method(capsys, monkeypatch, tmp_p
     assert res['scratch'][0]['ppl'] != res['forward_kl'][0]['ppl'] # the distillation changed something
     md, js = (tmp_path / 'lm.md').read_text(), json.loads((tmp_path / 'lm.json').read_text())
     assert '| forward_kl |' in md and md.splitlines()[0].startswith('command: python benchmarks/language_model.py --quick')
-    assert js['results']['scratch'][1]['ppl'] == res['scratch'][1]['ppl']
+    assert js['results']['scratch'][1]['ppl'] == res['scratch'][1]['ppl'] and js['complete']
+    assert '\n'.join(lmb.table(js['results'], js)) in md # the table a results file gives is the one printed
+    js['results']['forward_kl'].pop(); js['complete'] = False # as a stopped run leaves it
+    part = '\n'.join(lmb.table(js['results'], js))
+    assert 'not run (the run was stopped): forward_kl seed 1' in part and '(1 seeds)' in part
 
 
 @pytest.mark.slow
