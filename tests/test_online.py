@@ -322,7 +322,10 @@ def test_fit_again_after_export(which, tmp_path):
     learn = learner(dls, conv(), cbs=cb)
     quiet_fit(learn, 1)
     learn.export(tmp_path/'m.pkl')
+    before = [p.detach().clone() for m in cb.trained().values() for p in m.parameters()]
     quiet_fit(learn, 1)
+    after = [p.detach() for m in cb.trained().values() for p in m.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)) # they trained: they rejoined the optimizer
 
 
 # ---- a new online callback: a FitCallback subclass with its own events only
