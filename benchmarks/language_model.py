@@ -3,8 +3,8 @@ regime distillation is used in: the teacher has read much more text than the stu
 `transformers` configs).
 
 Run: python benchmarks/language_model.py [--jobs 3] [--quick] [--methods scratch,forward_kl,...] [--seeds 0,1,2]
-         [--teacher 4x128] [--teacher-epochs 2] [--student 2x64] [--epochs 8] [--student-chars 25000] [--ratio 16]
-         [--valid-chars 60000] [--T 1] [--weight 0.5] [--prompt 16] [--out benchmarks/results/language_model]
+         [--teacher 4x128] [--teacher-epochs 2] [--student 2x64] [--epochs 20] [--student-chars 25000] [--ratio 16]
+         [--valid-chars 30000] [--T 1] [--weight 0.5] [--prompt 32] [--out benchmarks/results/language_model]
 Data: the `.py` files of this Python's standard library (tests and bundled packages left out), shuffled with a fixed seed
 and split BY FILE: whole files to validation (`--valid-chars`), whole files to the students' slice (`--student-chars`),
 then more files to the teacher alone until the teacher's text (the slice included) is `--ratio` times the students'.
@@ -442,7 +442,7 @@ def memory(a):
               + (' |' if v in ('scratch', 'teacher') else f' {fit[v] / (fit["scratch"] + fit["teacher"]):.2f} |'))
 
 
-STUDENT_CHARS, VALID_CHARS, TEACHER_EPOCHS, EPOCHS, PROMPT = 25_000, 30_000, 2, 6, 32
+STUDENT_CHARS, VALID_CHARS, TEACHER_EPOCHS, EPOCHS, PROMPT = 25_000, 30_000, 2, 20, 32
 QUICK = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, student_chars=40_000, valid_chars=20_000, valid_seqs=64,
              eval_prompts=32, seeds='0,1,2')
 QUICK_SAME = dict(teacher='2x64', teacher_epochs=2, student='1x32', epochs=1, train_seqs=640, student_seqs=320, valid_seqs=64,

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['upcast', 'check_ignore_index', 'check_same_classes', 'kept_positions', 'kl_from_logs', 'chunk_rows', 'chunked_rows',
-           'chunked_mean']
+__all__ = ['upcast', 'check_ignore_index', 'check_same_classes', 'kept_positions', 'kl_from_logs', 'forward_kl_and_grad',
+           'reverse_kl_and_grad', 'chunk_rows', 'chunked_rows', 'chunked_mean']
 
 # %% ../nbs/01a_chunked.ipynb #814958c4
 def upcast(x:Tensor, # any floating tensor
@@ -61,14 +61,36 @@ def kl_from_logs(la:Tensor, # log-probabilities of the first distribution (…, 
     # `where` before the product: 0·(−inf − −inf) would be NaN, in the value and in the gradient
     return (p * torch.where(p > 0, la - lb, 0.)).sum(-1)
 
+# %% ../nbs/01a_chunked.ipynb #8ed2503a
+def forward_kl_and_grad(ls:Tensor, # the student's log-probabilities (n, V); overwritten
+                        lt:Tensor, # the teacher's (n, V); overwritten
+                       )->tuple[Tensor, Tensor]: # KL(p_t ‖ p_s) per row (n,), and its gradient with respect to the student's logits (n, V)
+    "Forward KL from log-probabilities with its gradient p_s − p_t, without autograd"
+    p, q = ls.exp(), lt.exp()
+    d = torch.nan_to_num_(lt.sub_(ls), nan=0., posinf=float('inf'), neginf=0.) # −inf (and −inf − −inf) only where p_t = 0: a 0 term
+    return torch.linalg.vecdot(q, d), p.sub_(q)
+
+# %% ../nbs/01a_chunked.ipynb #f2373d3b
+def reverse_kl_and_grad(ls:Tensor, # the student's log-probabilities (n, V); overwritten
+                        lt:Tensor, # the teacher's (n, V)
+                       )->tuple[Tensor, Tensor]: # KL(p_s ‖ p_t) per row (n,), and its gradient with respect to the student's logits (n, V)
+    "Reverse KL from log-probabilities with its gradient p_s ⊙ (log p_s − log p_t − KL), without autograd"
+    p = ls.exp()
+    d = torch.nan_to_num_(ls.sub_(lt), nan=0., posinf=float('inf'), neginf=0.) # −inf only where p_s = 0: a 0 term
+    kl = torch.linalg.vecdot(p, d)
+    return kl, d.sub_(kl[..., None]).mul_(p)
+
 # %% ../nbs/01a_chunked.ipynb #465c09d7
 def chunk_rows(n_classes:int, # the vocabulary size V
-               chunk_size:int|None=None, # positions per chunk; None: about 2²⁰ values (4 MiB in float32) per chunk
+               chunk_size:int|None=None, # positions per chunk; None: about 2¹⁸ values (1 MiB in float32) per chunk on a CPU, 2²⁰ on a GPU
+               device:torch.device|str|None=None, # where the logits are (None: the CPU)
               )->int:
     "How many positions go into one chunk"
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1): raise ValueError(
         f"chunk_size={chunk_size!r} must be a positive number of positions, or None to choose it from the vocabulary size.")
-    return chunk_size or max(1, 2**20 // max(n_classes, 1))
+    if chunk_size: return chunk_size
+    values = 2**18 if torch.device(device or 'cpu').type == 'cpu' else 2**20 # a chunk's arrays in a CPU core's L2 cache; fewer, larger kernels on a GPU
+    return max(1, values // max(n_classes, 1))
 
 # %% ../nbs/01a_chunked.ipynb #9643d791
 def _chunks(n:int, size:int)->list[slice]: return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -102,21 +124,35 @@ class _Rows(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 # %% ../nbs/01a_chunked.ipynb #ea0bb342
+def _row_chunks(s:Tensor, t:Tensor, idx:tuple, size:int):
+    "(student rows, teacher rows, where they lie) a chunk at a time: views of each sequence's rows when every position is kept, else gathered"
+    if len(idx[0]) == s[..., 0].numel() and s.ndim in (2, 3): # no gather and no index: the rows are read where they are
+        for b in [()] if s.ndim == 2 else [(i,) for i in range(len(s))]:
+            for c in _chunks(s.shape[-2], size): yield upcast(s[b + (c,)]), upcast(t[b + (c,)]), b + (c,)
+    else:
+        for c in _chunks(len(idx[0]), size):
+            where = tuple(i[c] for i in idx)
+            yield upcast(s[where]), upcast(t[where]), where
+
 def _sum_and_grad(s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, grad_fn:Callable|None, grad:Tensor|None)->Tensor:
     "Σ `fn` over rows `idx` of `s` and `t`, a chunk at a time; with `grad`, its gradient with respect to `s` is written there"
     total = upcast(s.new_zeros(()))
-    for c in _chunks(len(idx[0]), size):
-        sc, tc = _take(s, idx, c), _take(t, idx, c)
+    for sc, tc, where in _row_chunks(s, t, idx, size):
         if grad is None: total += fn(sc, tc).sum(); continue
         if grad_fn is not None: v, gc = grad_fn(sc, tc) # the loss's own formula
         else:
             with torch.enable_grad(): # one pass gives the chunk's values and gradient: its graph is dropped at once
-                sc.requires_grad_()
+                sc = sc.detach().requires_grad_()
                 v = fn(sc, tc)
                 gc, = torch.autograd.grad(v.sum(), sc)
         total += v.detach().sum()
-        grad.index_put_(tuple(i[c] for i in idx), gc.to(grad.dtype), accumulate=True)
+        grad[where] = gc # each row once: written, not added
     return total
+
+def _grad_buffer(s:Tensor, idx:tuple)->Tensor:
+    "The tensor, shaped like `s`, that the chunks write the gradient into: left unfilled where they write every row"
+    if len(idx[0]) == s[..., 0].numel(): return torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    return torch.zeros(s.shape, dtype=s.dtype, device=s.device) # the rows left out keep a zero gradient
 
 class _Mean(torch.autograd.Function):
     "The mean of `fn` over rows `idx` of `s` and `t`; the gradient is computed with the values, a chunk at a time"
@@ -124,7 +160,7 @@ class _Mean(torch.autograd.Function):
     def forward(ctx, s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, need:bool, grad_fn:Callable|None)->Tensor:
         ctx.save_for_backward(s, t) # for a second backward pass through a kept graph only
         ctx.args, ctx.n = (idx, fn, size, grad_fn), max(len(idx[0]), 1)
-        ctx.grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device) if need else None # ∂Σ/∂s, filled with the values
+        ctx.grad = _grad_buffer(s, idx) if need else None # ∂Σ/∂s, filled with the values
         return _sum_and_grad(s.detach(), t, *ctx.args, ctx.grad) / ctx.n
 
     @staticmethod
@@ -133,7 +169,7 @@ class _Mean(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None: # a second backward pass through a kept graph: the same computation again
             s, t = ctx.saved_tensors
-            grad = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            grad = _grad_buffer(s, ctx.args[0])
             _sum_and_grad(s.detach(), t, *ctx.args, grad)
         return grad.mul_(g / ctx.n), None, None, None, None, None, None # scaled in place: no second buffer
 
@@ -146,10 +182,10 @@ def chunked_rows(fn:Callable, # loss of float32 student and teacher rows (n, V_s
                  chunk_size:int|None=None, # rows per chunk (see `chunk_rows`, from the larger vocabulary)
                 )->Tensor: # `fn` of each pair of rows, (n,), differentiable with respect to `s`
     "`fn` on pairs of rows of `s` and `t`, a chunk at a time, recomputed in the backward pass"
-    return _Rows.apply(s, t.detach(), i_s, i_t, fn, chunk_rows(max(s.shape[-1], t.shape[-1]), chunk_size))
+    return _Rows.apply(s, t.detach(), i_s, i_t, fn, chunk_rows(max(s.shape[-1], t.shape[-1]), chunk_size, s.device))
 
 # %% ../nbs/01a_chunked.ipynb #c6516b1f
-def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher logit rows (n, V) -> (n,)
+def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher logit rows (n, V) -> (n,); the rows may be views of the logits: read them, never write them
                  pred:Tensor, # student logits (…, V), classes last
                  teacher_pred:Tensor, # teacher logits (…, V), in any floating dtype (upcast a chunk at a time)
                  target:Tensor|None=None, # integer labels (…): positions equal to `ignore_index` are left out
@@ -159,7 +195,7 @@ def chunked_mean(fn:Callable, # per-position loss of float32 student and teacher
                 )->Tensor: # mean of `fn` over the kept positions; 0, with zero gradient, when none is kept
     "Mean of `fn` over the kept positions, computed a chunk of positions at a time with its gradient, keeping no chunk's graph"
     check_same_classes(pred, teacher_pred)
-    keep, size = kept_positions(target, pred.shape[:-1], ignore_index).to(pred.device), chunk_rows(pred.shape[-1], chunk_size)
+    keep, size = kept_positions(target, pred.shape[:-1], ignore_index).to(pred.device), chunk_rows(pred.shape[-1], chunk_size, pred.device)
     if keep.numel() <= size: # one chunk holds every position (a classifier's batch): no gather, no device synchronisation
         k, V = keep[..., None], pred.shape[-1] # masked rows become zeros, so their values (inf, NaN) reach neither value nor gradient
         s, t = torch.where(k, upcast(pred), 0.).reshape(-1, V), torch.where(k, upcast(teacher_pred.detach()), 0.).reshape(-1, V)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from .core import *
-from .chunked import check_ignore_index, chunk_rows, chunked_mean, chunked_rows, kept_positions, kl_from_logs
+from .chunked import check_ignore_index, chunk_rows, chunked_mean, chunked_rows, kept_positions, kl_from_logs, forward_kl_and_grad, reverse_kl_and_grad
 
 # %% auto #0
 __all__ = ['check_unit', 'Divergence', 'ReverseKL', 'JSD', 'SkewKL', 'SkewReverseKL', 'TVD', 'ULD']
@@ -23,6 +23,14 @@ def _log_mix(la:Tensor, lb:Tensor, w:float)->Tensor:
     if w == 1: return la
     lo = torch.finfo(la.dtype).min # −inf in both would give logaddexp a NaN gradient: the smallest float instead, whose weight is 0
     return torch.logaddexp((la + math.log(w)).clamp_min(lo), (lb + math.log1p(-w)).clamp_min(lo))
+
+def _dot(a:Tensor, b:Tensor)->Tensor: return torch.linalg.vecdot(a, b) # Σ a·b over the last dimension
+
+def _finite(x:Tensor)->Tensor: return torch.nan_to_num_(x, nan=0., posinf=0., neginf=0.) # a bounded log-ratio is ±inf or NaN only in 0-weight terms
+
+def _through_softmax(p:Tensor, g:Tensor, pg:Tensor|None=None)->Tensor:
+    "∂f/∂z = p ⊙ (g − Σ p·g) for p = σ(z) and g = ∂f/∂p (`pg`: Σ p·g when known), written over `g`"
+    return g.sub_((_dot(p, g) if pg is None else pg)[..., None]).mul_(p)
 
 def check_unit(name:str, # the hyper-parameter's name, for the error message
                v:float|Callable, # a number or a schedule of `pct_train`
@@ -40,7 +48,7 @@ class Divergence(ScheduledLoss):
     "Base of the divergences between σ(z_s/T) and σ(z_t/T): per position, times T², averaged over the kept positions, in chunks"
     def __init__(self, T:float|Callable=1., # temperature, or a schedule of training progress
                  ignore_index:int=-100, # target value of positions to leave out
-                 chunk_size:int|None=None, # positions per chunk (None: about 2²⁰ values per chunk, see `chunk_rows`)
+                 chunk_size:int|None=None, # positions per chunk (None: chosen by `chunk_rows` from the vocabulary size and the device)
                 ):
         super().__init__(); store_attr(); check_positive('T', T); chunk_rows(1, chunk_size)
         check_ignore_index(ignore_index, type(self).__name__)
@@ -50,11 +58,23 @@ class Divergence(ScheduledLoss):
                     )->Tensor: # the divergence of each of the n positions
         raise NotImplementedError
 
+    def value_and_grad(self, ls:Tensor, # the student's log-probabilities at temperature T (n, V), the method's to overwrite
+                       lt:Tensor, # the teacher's (n, V), likewise
+                       **hp, # the hyper-parameters from `hyper`
+                      )->tuple[Tensor, Tensor]: # `per_position`'s values (n,) and their gradient with respect to z_s/T (n, V)
+        "`per_position` with its gradient: by autograd here; the divergences below write it in closed form"
+        with torch.enable_grad(): # log-probabilities are logits of the same softmax: ∂/∂z at z = ls is ∂/∂(z_s/T)
+            z = ls.detach().requires_grad_()
+            v = self.per_position(F.log_softmax(z, -1), lt, **hp)
+            return v.detach(), torch.autograd.grad(v.sum(), z)[0]
+
     def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None)->Tensor:
         T, hp = self.now(self.T), self.hyper() # hyper-parameters read once, outside the chunks (and their recomputation)
-        fn = lambda s, t: self.per_position(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), **hp)
+        logs = lambda s, t: (F.log_softmax(s if T == 1 else s / T, -1), F.log_softmax(t if T == 1 else t / T, -1))
+        fn = lambda s, t: self.per_position(*logs(s, t), **hp)
+        def with_grad(s, t): v, g = self.value_and_grad(*logs(s, t), **hp); return v, (g if T == 1 else g.div_(T))
         # T² keeps the gradient's size independent of T, as in `SoftTarget`; at T = 1 the value is TRL's
-        return chunked_mean(fn, pred, teacher_pred, target, self.ignore_index, self.chunk_size) * T**2
+        return chunked_mean(fn, pred, teacher_pred, target, self.ignore_index, self.chunk_size, with_grad) * T**2
 
     def hyper(self)->dict: return {} # the hyper-parameters' current values, passed to `per_position`
 
@@ -63,6 +83,7 @@ class Divergence(ScheduledLoss):
 class ReverseKL(Divergence):
     "Reverse KL, KL(σ(z_s/T) ‖ σ(z_t/T))·T²: mode-seeking, the student concentrates on what the teacher finds likely"
     def per_position(self, ls:Tensor, lt:Tensor)->Tensor: return kl_from_logs(ls, lt)
+    def value_and_grad(self, ls:Tensor, lt:Tensor)->tuple[Tensor, Tensor]: return reverse_kl_and_grad(ls, lt)
 
 # %% ../nbs/13_divergences.ipynb #adf85a4c
 @register_loss
@@ -82,6 +103,15 @@ class JSD(Divergence):
         lm = _log_mix(lt, ls, beta)
         return beta * kl_from_logs(lt, lm) + (1 - beta) * kl_from_logs(ls, lm)
 
+    def value_and_grad(self, ls:Tensor, lt:Tensor, beta:float)->tuple[Tensor, Tensor]:
+        if beta == 0: return forward_kl_and_grad(ls, lt)
+        if beta == 1: return reverse_kl_and_grad(ls, lt)
+        p, q = ls.exp(), lt.exp()
+        lm = torch.lerp(p, q, beta).log_() # log M
+        dt, ds = _finite(lt.sub_(lm)), _finite(ls.sub_(lm)) # at most −log β and −log(1 − β) where p_t, p_s > 0
+        ks = _dot(p, ds)
+        return beta * _dot(q, dt) + (1 - beta) * ks, _through_softmax(p, ds, ks).mul_(1 - beta) # ∂/∂p_s = (1 − β)·(log p_s − log M)
+
 # %% ../nbs/13_divergences.ipynb #88a8df97
 @register_loss
 class SkewKL(Divergence):
@@ -96,17 +126,37 @@ class SkewKL(Divergence):
     def hyper(self)->dict: return dict(alpha=float(self.now(self.alpha)))
     def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return kl_from_logs(lt, _log_mix(lt, ls, alpha))
 
+    def value_and_grad(self, ls:Tensor, lt:Tensor, alpha:float)->tuple[Tensor, Tensor]:
+        if alpha == 0: return forward_kl_and_grad(ls, lt)
+        p, q = ls.exp(), lt.exp()
+        m = torch.lerp(p, q, alpha) # the mixture α·p_t + (1 − α)·p_s
+        kl = _dot(q, _finite(lt.sub_(m.log()))) # log p_t − log m: at most −log α where p_t > 0
+        return kl, _through_softmax(p, _finite(q.div_(m)).neg_()).mul_(1 - alpha) # ∂/∂p_s = −(1 − α)·p_t / m
+
 # %% ../nbs/13_divergences.ipynb #c38fa191
 @register_loss
 class SkewReverseKL(SkewKL):
     "DistiLLM (Ko et al. 2024) skew reverse KL: KL(p_s ‖ α·p_s + (1 − α)·p_t)·T², reverse KL with the teacher's side smoothed"
     def per_position(self, ls:Tensor, lt:Tensor, alpha:float)->Tensor: return kl_from_logs(ls, _log_mix(ls, lt, alpha))
 
+    def value_and_grad(self, ls:Tensor, lt:Tensor, alpha:float)->tuple[Tensor, Tensor]:
+        if alpha == 0: return reverse_kl_and_grad(ls, lt)
+        p, q = ls.exp(), lt.exp()
+        m = torch.lerp(q, p, alpha) # the mixture α·p_s + (1 − α)·p_t
+        d = _finite(ls.sub_(m.log())) # log p_s − log m: at most −log α where p_s > 0
+        r = _finite(torch.div(p, m, out=lt)) # p_s / m
+        return _dot(p, d), _through_softmax(p, d.sub_(r, alpha=alpha)) # ∂/∂p_s = log p_s − log m − α·p_s / m (+ 1)
+
 # %% ../nbs/13_divergences.ipynb #73bbd322
 @register_loss
 class TVD(Divergence):
     "Total variation distance ½·Σ|p_t − p_s| (times T²): bounded by 1, symmetric, with no logarithm to blow up"
     def per_position(self, ls:Tensor, lt:Tensor)->Tensor: return (lt.exp() - ls.exp()).abs().sum(-1) / 2
+
+    def value_and_grad(self, ls:Tensor, lt:Tensor)->tuple[Tensor, Tensor]:
+        p = ls.exp()
+        diff = p - lt.exp_()
+        return diff.abs().sum(-1) / 2, _through_softmax(p, diff.sign_().mul_(0.5)) # ∂/∂p_s = sign(p_s − p_t) / 2
 
 # %% ../nbs/13_divergences.ipynb #3ed4d89d
 def _span(mask:Tensor)->list[Tensor]: return [row.nonzero()[:, 0] for row in mask] # per row of (B, L) `mask`, its kept positions in order

@@ -9,17 +9,25 @@ from functools import reduce
 from torch import nn
 from fastai.learner import Learner
 from .core import *
-from .losses import SoftTarget, Logits, Mutual, DecoupledKD, Attention, ActivationBoundaries, FitNet, Similarity
+from . import losses
+from .losses import Logits, Mutual, DecoupledKD, Attention, ActivationBoundaries, FitNet, Similarity
 from .teachers import TeacherSource
 from . import match
 from . import callback
 
 # %% auto #0
-__all__ = ['fasterai_schedule', 'KnowledgeDistillationCallback', 'get_model_layers', 'get_module_by_name', 'match_feature_layers',
-           'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet', 'Similarity']
+__all__ = ['SoftTarget', 'fasterai_schedule', 'KnowledgeDistillationCallback', 'get_model_layers', 'get_module_by_name',
+           'match_feature_layers', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet',
+           'Similarity']
 
 # %% ../nbs/14_fasterai.ipynb #f9faf557
 _all_ = ['SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'Attention', 'ActivationBoundaries', 'FitNet', 'Similarity']
+
+class SoftTarget(losses.SoftTarget):
+    "kdcb's `SoftTarget` with fasterai's default temperature, T = 5"
+    def __init__(self, T:float|Callable=5., # temperature, or a schedule of training progress (fasterai's default 5)
+                 ignore_index:int=-100, # target value of positions to leave out
+                ): super().__init__(T, ignore_index)
 
 # %% ../nbs/14_fasterai.ipynb #0757d86a
 def fasterai_schedule(schedule, # a fasterai `Schedule` (it has `.progress(pct_train)`), a callable of `pct_train`, or None

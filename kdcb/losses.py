@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from .core import *
-from .chunked import upcast, check_ignore_index, check_same_classes, kept_positions, kl_from_logs, chunk_rows, chunked_mean
+from .chunked import upcast, check_ignore_index, check_same_classes, kept_positions, kl_from_logs, chunk_rows, chunked_mean, forward_kl_and_grad
 
 # %% auto #0
 __all__ = ['masked_mean', 'SoftTarget', 'Logits', 'Mutual', 'DecoupledKD', 'NormalizedKD', 'LogitsDistillationLoss', 'mft_target',
@@ -46,14 +46,15 @@ def _kl_per_position(s:Tensor, t:Tensor, T:float)->Tensor:
 def _fkl_and_grad(T:float)->Callable:
     "KL(σ(t/T) ‖ σ(s/T)) per row and its gradient (σ(s/T) − σ(t/T))/T with respect to `s`, without autograd (see `chunked_mean`)"
     def f(s:Tensor, t:Tensor)->tuple[Tensor, Tensor]:
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        return kl_from_logs(lt, ls), ls.exp_().sub_(lt.exp_()).div_(T) # `lt` and `ls` are not used after this line
+        if T == 1: return forward_kl_and_grad(F.log_softmax(s, -1), F.log_softmax(t, -1))
+        v, g = forward_kl_and_grad(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1))
+        return v, g.div_(T)
     return f
 
 @register_loss
 class SoftTarget(ScheduledLoss):
     "Hinton et al. 2015: KL(σ(z_t/T) ‖ σ(z_s/T))·T², averaged over (unmasked) positions"
-    def __init__(self, T:float|Callable|None=None, # temperature, or a schedule of training progress; None: 5 for (B, C) classifier logits (fasterai's default), 1 for (B, L, V) sequence logits
+    def __init__(self, T:float|Callable|None=None, # temperature, or a schedule of training progress; None: 2 for (B, C) classifier logits, 1 for (B, L, V) sequence logits
                  ignore_index:int=-100, # target value of positions to leave out
                 ):
         super().__init__(); store_attr(); check_ignore_index(ignore_index, type(self).__name__)
@@ -61,8 +62,8 @@ class SoftTarget(ScheduledLoss):
 
     def temperature(self, pred:Tensor, # the student logits the loss is called with
                    )->float: # the temperature of this call
-        "`T` now; by default 1 for (B, L, V) sequence logits and 5 for any other shape"
-        return self.now(self.T) if self.T is not None else 1. if pred.ndim == 3 else 5.
+        "`T` now; by default 1 for (B, L, V) sequence logits and 2 for any other shape"
+        return self.now(self.T) if self.T is not None else 1. if pred.ndim == 3 else 2.
 
     def forward(self, pred:Tensor, teacher_pred:Tensor, target:Tensor|None=None)->Tensor:
         T = self.temperature(pred)
