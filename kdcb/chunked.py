@@ -146,7 +146,7 @@ def _sum_and_grad(s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, grad_fn:
                 v = fn(sc, tc)
                 gc, = torch.autograd.grad(v.sum(), sc)
         total += v.detach().sum()
-        grad[where] = gc # each row once: written, not added
+        grad[where] = gc.to(grad.dtype) # each row once: written, not added
     return total
 
 def _grad_buffer(s:Tensor, idx:tuple)->Tensor:

@@ -145,3 +145,19 @@ def test_every_position_kept(name):
     loss, ref = get_loss(name)(pred, teacher[:, :-1], y), unchunked(name, pred, teacher[:, :-1], y)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, logits)[0], rtol=1e-4, atol=1e-8)
+
+@pytest.mark.parametrize('masked', [False, True])
+@pytest.mark.parametrize('name', ['soft_target', 'jsd'])
+def test_half_precision_student_logits(name, masked):
+    "bfloat16 student logits (a bf16 or mixed-precision model), with and without masked positions: float32 arithmetic, a bf16 gradient"
+    logits, teacher, y = batch(4)
+    if not masked: y = y.clamp_min(0)
+    s = logits.detach().bfloat16().requires_grad_()
+    loss = get_loss(name)(s[:, :-1], teacher[:, :-1], y)
+    ref = unchunked(name, s.float()[:, :-1], teacher[:, :-1], y)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    g, = torch.autograd.grad(loss, s)
+    assert g.dtype == torch.bfloat16
+    sf = s.detach().float().requires_grad_()
+    r, = torch.autograd.grad(unchunked(name, sf[:, :-1], teacher[:, :-1], y), sf)
+    torch.testing.assert_close(g.float(), r, rtol=2e-2, atol=1e-6)
