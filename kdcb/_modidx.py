@@ -85,6 +85,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'kdcb.callback._check_mixing': ('callback.html#_check_mixing', 'kdcb/callback.py'),
                                'kdcb.callback._cleanup_if_raised': ('callback.html#_cleanup_if_raised', 'kdcb/callback.py'),
                                'kdcb.callback._copy_state': ('callback.html#_copy_state', 'kdcb/callback.py'),
+                               'kdcb.callback._is_fit_callback': ('callback.html#_is_fit_callback', 'kdcb/callback.py'),
                                'kdcb.callback._layer_names': ('callback.html#_layer_names', 'kdcb/callback.py'),
                                'kdcb.callback._warn_unmasked': ('callback.html#_warn_unmasked', 'kdcb/callback.py'),
                                'kdcb.callback._without_fit_callbacks': ('callback.html#_without_fit_callbacks', 'kdcb/callback.py'),

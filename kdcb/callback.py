@@ -144,6 +144,7 @@ class FitCallback(Callback):
     "Base of kdcb's callbacks: what they train besides the model, over a fit; progress columns; left out of `export`"
     columns:LossColumns|None = None # progress columns, attached to the learner with the callback
     _learn, _attached, _parts = None, (), None
+    _kdcb_fit = True # what `Learner.export` and `_with_events`, as kdcb wraps them, recognise (not the class: a reloaded module makes another)
 
     def trained(self)->dict[str, nn.Module]: return {} # what it trains with the model (peers, heads, loss parts), by name: subclasses say
     def companions(self)->list[Callback]: return [] if self.columns is None else [self.columns] # callbacks attached with it
@@ -225,6 +226,8 @@ def fastai_untested()->str: # '' on a tested fastai, else what differs
     return next((f"fastai.learner no longer holds {l!r}" for l in _FASTAI_LINES if l not in src), '')
 
 # %% ../nbs/05_callback.ipynb #4ea6b94d
+def _is_fit_callback(c)->bool: return getattr(type(c), '_kdcb_fit', False) # a `FitCallback`, from whichever load of this module
+
 def _wrapped_by_kdcb(f)->bool: # somewhere in a chain of wrappers that keep `__wrapped__`
     while f is not None:
         if getattr(f, 'kdcb', False): return True
@@ -239,7 +242,7 @@ def _cleanup_if_raised(prev):
         try: return prev(self, f, event_type, ex, final)
         except BaseException:
             for c in self.cbs:
-                if isinstance(c, FitCallback): c.cleanup()
+                if _is_fit_callback(c): c.cleanup()
             raise
     _with_events.kdcb = True
     return _with_events
@@ -248,7 +251,7 @@ def _without_fit_callbacks(prev):
     "`Learner.export` that calls `prev` with the `FitCallback`s taken off the learner: `load_learner` needs none of them"
     @functools.wraps(prev)
     def export(self, *args, **kwargs):
-        mine = [c for c in self.cbs if isinstance(c, FitCallback)]
+        mine = [c for c in self.cbs if _is_fit_callback(c)]
         along = {id(a) for c in mine for a in c._attached} # leave and come back with the callback that attached them
         with self.removed_cbs([c for c in mine if id(c) not in along]): return prev(self, *args, **kwargs)
     export.kdcb = True

@@ -457,3 +457,23 @@ def test_label_free_losses_warn_once_when_the_target_masks_positions():
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
         quiet_fit(Learner(dls, TokenModel(4), loss_func=lf), 1, cbs=KnowledgeDistillationCallback(TokenModel(8), SoftTarget(T=2)))
+
+
+def test_export_and_cleanup_with_the_module_loaded_twice(dls, tmp_path):
+    """`kdcb.callback` run a second time in one process (a notebook run of `05_callback` after `import kdcb`, or a reload):
+    its callbacks are new classes, while `Learner.export` stays wrapped by the first run. Export still leaves them out and a
+    fit that raises still cleans them up (before: the wrapper recognised only the first run's `FitCallback`, and the exported
+    file held the callback and its teacher)"""
+    import importlib.util, kdcb.callback
+    spec = importlib.util.spec_from_file_location('kdcb.callback', kdcb.callback.__file__)
+    again = importlib.util.module_from_spec(spec); spec.loader.exec_module(again) # not put in sys.modules: the first run stays
+    assert again.FitCallback is not kdcb.callback.FitCallback and getattr(Learner.export, 'kdcb', False)
+    dls = exportable(dls)
+    student, teacher = conv(), conv(8)
+    learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    kd = again.KnowledgeDistillationCallback(teacher, ['soft_target', 'attention'], ['1'], ['1'])
+    learn.add_cb(kd)
+    learn.export('m.pkl')
+    assert b'kdcb' not in _exported_bytes(tmp_path/'m.pkl') and kd in learn.cbs
+    with pytest.raises(Boom): learn.fit(1, cbs=BoomAt())
+    assert n_hooks(student, teacher) == 0 # cleaned up by the wrapper although the fit raised
