@@ -104,6 +104,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdcb.chunked._Rows.forward': ('chunked.html#_rows.forward', 'kdcb/chunked.py'),
                               'kdcb.chunked._add_grad': ('chunked.html#_add_grad', 'kdcb/chunked.py'),
                               'kdcb.chunked._chunks': ('chunked.html#_chunks', 'kdcb/chunked.py'),
+                              'kdcb.chunked._every_row': ('chunked.html#_every_row', 'kdcb/chunked.py'),
                               'kdcb.chunked._grad_buffer': ('chunked.html#_grad_buffer', 'kdcb/chunked.py'),
                               'kdcb.chunked._row_chunks': ('chunked.html#_row_chunks', 'kdcb/chunked.py'),
                               'kdcb.chunked._sum_and_grad': ('chunked.html#_sum_and_grad', 'kdcb/chunked.py'),

@@ -124,15 +124,15 @@ class _Rows(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 # %% ../nbs/01a_chunked.ipynb #ea0bb342
+def _every_row(s:Tensor, idx:tuple)->bool: return len(idx[0]) == s[..., 0].numel() # `idx` keeps every position of `s`
+
 def _row_chunks(s:Tensor, t:Tensor, idx:tuple, size:int):
     "(student rows, teacher rows, where they lie) a chunk at a time: views of each sequence's rows when every position is kept, else gathered"
-    if len(idx[0]) == s[..., 0].numel() and s.ndim in (2, 3): # no gather and no index: the rows are read where they are
+    if _every_row(s, idx) and s.ndim in (2, 3): # no gather and no index: the rows are read where they are
         for b in [()] if s.ndim == 2 else [(i,) for i in range(len(s))]:
             for c in _chunks(s.shape[-2], size): yield upcast(s[b + (c,)]), upcast(t[b + (c,)]), b + (c,)
     else:
-        for c in _chunks(len(idx[0]), size):
-            where = tuple(i[c] for i in idx)
-            yield upcast(s[where]), upcast(t[where]), where
+        for c in _chunks(len(idx[0]), size): yield _take(s, idx, c), _take(t, idx, c), tuple(i[c] for i in idx)
 
 def _sum_and_grad(s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, grad_fn:Callable|None, grad:Tensor|None)->Tensor:
     "Σ `fn` over rows `idx` of `s` and `t`, a chunk at a time; with `grad`, its gradient with respect to `s` is written there"
@@ -151,7 +151,7 @@ def _sum_and_grad(s:Tensor, t:Tensor, idx:tuple, fn:Callable, size:int, grad_fn:
 
 def _grad_buffer(s:Tensor, idx:tuple)->Tensor:
     "The tensor, shaped like `s`, that the chunks write the gradient into: left unfilled where they write every row"
-    if len(idx[0]) == s[..., 0].numel(): return torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    if _every_row(s, idx): return torch.empty(s.shape, dtype=s.dtype, device=s.device)
     return torch.zeros(s.shape, dtype=s.dtype, device=s.device) # the rows left out keep a zero gradient
 
 class _Mean(torch.autograd.Function):
